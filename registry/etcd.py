@@ -1,0 +1,349 @@
+"""The one seam between ringmesh and etcd: the only module that imports aetcd.
+
+aetcd 1.0.0 lacks a few things a mesh needs, added here (FIELD-NOTES.md):
+a channel over several endpoints, TLS, per-call timeouts, reconnect after an
+expired auth token, and errors translated into ringmesh's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import aetcd
+import aetcd.exceptions as aetcd_errors
+import aetcd.rpc
+import aetcd.utils
+import aetcd.watcher
+import grpc
+
+from registry.errors import ConfigError, EtcdError, EtcdUnavailable, RevisionCompacted
+
+T = TypeVar("T")
+
+DEFAULT_ETCD = "http://127.0.0.1:2379"
+
+# Reconnect quickly after etcd comes back (gRPC's default backoff grows to 120 s),
+# and notice a dead TCP connection under a silent watch.
+_CHANNEL_OPTIONS: dict[str, Any] = {
+    "grpc.initial_reconnect_backoff_ms": 100,
+    "grpc.min_reconnect_backoff_ms": 100,
+    "grpc.max_reconnect_backoff_ms": 1000,
+    "grpc.keepalive_time_ms": 5000,
+    "grpc.keepalive_timeout_ms": 3000,
+    "grpc.keepalive_permit_without_calls": 1,
+    "grpc.http2.max_pings_without_data": 0,
+    "grpc.enable_retries": 0,
+}
+
+
+@dataclass(frozen=True)
+class EtcdConfig:
+    """Where etcd is and how to authenticate; built once from flags."""
+
+    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    timeout: float = 3.0
+    tls: bool = False
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    user: str | None = None
+    password: str | None = None
+
+    @classmethod
+    def from_urls(cls, urls: str, **options: Any) -> EtcdConfig:
+        """Parse ``http://a:2379,https://b:2379``; https (or a CA file) turns TLS on."""
+        endpoints: list[str] = []
+        schemes: set[str] = set()
+        for url in (u.strip() for u in urls.split(",")):
+            if not url:
+                continue
+            if "://" not in url:
+                url = "http://" + url
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ConfigError(f"invalid etcd endpoint {url!r}: expected http(s)://HOST:PORT")
+            try:
+                port = parts.port or 2379
+            except ValueError as exc:
+                raise ConfigError(f"invalid etcd endpoint {url!r}: {exc}") from exc
+            host = parts.hostname
+            endpoints.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+            schemes.add(parts.scheme)
+        if not endpoints:
+            raise ConfigError("no etcd endpoint given")
+        if len(schemes) > 1:
+            raise ConfigError("etcd endpoints mix http and https")
+        tls = "https" in schemes or any(options.get(k) for k in ("ca_file", "cert_file"))
+        config = cls(endpoints=tuple(endpoints), tls=tls, **options)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if (self.user is None) != (self.password is None):
+            raise ConfigError("etcd user and password must be given together")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("etcd client certificate and key must be given together")
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"etcd TLS file not found: {path}")
+
+    def grpc_target(self) -> str:
+        """One gRPC target for all endpoints: ``ipv4:a:p,b:p`` lets gRPC fail over."""
+        if len(self.endpoints) == 1:
+            return self.endpoints[0]
+        resolved = [_resolve(endpoint) for endpoint in self.endpoints]
+        families = {family for family, _ in resolved}
+        if len(families) > 1:
+            raise ConfigError("etcd endpoints mix IPv4 and IPv6 addresses")
+        return f"{families.pop()}:" + ",".join(address for _, address in resolved)
+
+
+def _resolve(endpoint: str) -> tuple[str, str]:
+    host, _, port = endpoint.rpartition(":")
+    host = host.strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise ConfigError(f"cannot resolve etcd endpoint {endpoint!r}: {exc}") from exc
+        ip = ipaddress.ip_address(info[0][4][0])
+    if ip.version == 6:
+        return "ipv6", f"[{ip}]:{port}"
+    return "ipv4", f"{ip}:{port}"
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: bytes
+    create_revision: int
+    mod_revision: int
+    lease: int
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    """One change under a watched prefix; ``value`` is None for a delete."""
+
+    key: str
+    value: bytes | None
+    revision: int
+    lease: int
+
+
+class _AetcdClient(aetcd.Client):  # type: ignore[misc]
+    """aetcd's client with our channel: several endpoints, TLS, and channel options."""
+
+    def __init__(self, config: EtcdConfig) -> None:
+        super().__init__(
+            username=config.user,
+            password=config.password,
+            timeout=config.timeout,
+            options=_CHANNEL_OPTIONS,
+            connect_wait_timeout=config.timeout,
+        )
+        self._ringmesh_config = config
+
+    async def connect(self) -> None:
+        # Mirrors aetcd 1.0.0 Client.connect, which always builds an insecure
+        # channel to a single host:port.
+        if self._connected.is_set():
+            return
+        if self._is_connecting:  # type: ignore[has-type]
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        config = self._ringmesh_config
+        try:
+            self._is_connecting = True
+            target = config.grpc_target()
+            options = list(self._options.items())
+            if config.tls:
+                credentials = grpc.ssl_channel_credentials(
+                    root_certificates=_read(config.ca_file),
+                    private_key=_read(config.key_file),
+                    certificate_chain=_read(config.cert_file),
+                )
+                self.channel = grpc.aio.secure_channel(target, credentials, options=options)
+            else:
+                self.channel = grpc.aio.insecure_channel(target, options=options)
+            if config.user is not None:
+                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
+                request = aetcd.rpc.AuthenticateRequest(name=config.user, password=config.password)
+                try:
+                    response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+                except aetcd.rpc.AioRpcError as exc:
+                    await self.channel.close()
+                    self._init_channel_attrs()
+                    aetcd_errors._handle_exception(exc)
+                self.metadata = (("token", response.token),)
+            self.kvstub = aetcd.rpc.KVStub(self.channel)
+            self.clusterstub = aetcd.rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd.rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd.rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd.watcher.Watcher(
+                aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+            )
+            self._connected.set()
+        finally:
+            self._is_connecting = False
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+_UNAVAILABLE = (
+    aetcd_errors.ConnectionFailedError,
+    aetcd_errors.ConnectionTimeoutError,
+    aetcd_errors.WatchTimeoutError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+
+class EtcdClient:
+    """ringmesh's view of etcd: typed values, ringmesh errors, bounded calls."""
+
+    def __init__(self, config: EtcdConfig) -> None:
+        self.config = config
+        self._client = _AetcdClient(config)
+        self._closed = False
+
+    async def __aenter__(self) -> EtcdClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._client.close()
+
+    async def _call(self, op: Callable[[Any], Awaitable[T]], what: str) -> T:
+        """Run one etcd request with a deadline; translate aetcd's errors."""
+        for attempt in (1, 2):
+            try:
+                return await asyncio.wait_for(op(self._client), self.config.timeout)
+            except aetcd_errors.UnauthenticatedError as exc:
+                # aetcd never renews an expired token: reconnect (re-authenticate) once.
+                if attempt == 1 and self.config.user is not None:
+                    await self._client.close()
+                    continue
+                raise EtcdError(f"etcd {what}: unauthenticated: {exc}") from exc
+            except _UNAVAILABLE as exc:
+                raise EtcdUnavailable(
+                    f"etcd {what}: unavailable ({exc or type(exc).__name__})"
+                ) from exc
+            except aetcd_errors.ClientError as exc:
+                raise EtcdError(f"etcd {what}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def get(self, key: str) -> KeyValue | None:
+        found = await self._call(lambda c: c.get(key.encode()), f"get {key}")
+        return None if found is None else _kv(found)
+
+    async def get_prefix(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """Every key under ``prefix`` and the store revision they were read at."""
+        found = await self._call(lambda c: c.get_prefix(prefix.encode()), f"get {prefix}*")
+        return [_kv(item) for item in found], found.header.revision
+
+    async def put(self, key: str, value: bytes, *, lease: int | None) -> int:
+        """Put ``key``; ``lease`` is explicit so no caller forgets it by accident."""
+        result = await self._call(lambda c: c.put(key.encode(), value, lease=lease), f"put {key}")
+        revision: int = result.header.revision
+        return revision
+
+    async def delete(self, key: str) -> bool:
+        result = await self._call(lambda c: c.delete(key.encode()), f"delete {key}")
+        return result is not None
+
+    async def grant_lease(self, ttl: int) -> int:
+        lease = await self._call(lambda c: c.lease(ttl), "lease grant")
+        lease_id: int = lease.id
+        return lease_id
+
+    async def refresh_lease(self, lease_id: int) -> int:
+        """Send one keep-alive; returns the new TTL, 0 if the lease is gone."""
+        reply = await self._call(lambda c: c.refresh_lease(lease_id), "lease keep-alive")
+        return 0 if reply is None else int(reply.TTL)
+
+    async def revoke_lease(self, lease_id: int) -> None:
+        try:
+            await self._call(lambda c: c.revoke_lease(lease_id), "lease revoke")
+        except EtcdError as exc:
+            if "not found" not in str(exc):
+                raise
+
+    async def lease_ttl(self, lease_id: int) -> int:
+        """Seconds left on a lease, -1 if it does not exist."""
+        info = await self._call(lambda c: c.get_lease_info(lease_id, keys=False), "lease ttl")
+        return int(info.TTL)
+
+    async def watch_prefix(self, prefix: str, *, start_revision: int) -> AsyncIterator[WatchEvent]:
+        """Events under ``prefix`` from ``start_revision`` on, until the stream breaks.
+
+        Raises EtcdUnavailable when the connection breaks (the caller re-watches
+        from the last revision + 1) and RevisionCompacted when history is gone.
+        """
+        key = prefix.encode()
+        try:
+            watch = await self._call(
+                lambda c: c.watch(
+                    key, range_end=aetcd.utils.prefix_range_end(key), start_revision=start_revision
+                ),
+                f"watch {prefix}*",
+            )
+        except EtcdError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, aetcd_errors.RevisionCompactedError):
+                raise RevisionCompacted(cause.compacted_revision) from cause
+            raise
+        try:
+            async for event in watch:
+                kv = event.kv
+                value = kv.value if event.kind == "PUT" else None
+                yield WatchEvent(kv.key.decode(errors="replace"), value, kv.mod_revision, kv.lease)
+        except aetcd_errors.RevisionCompactedError as exc:
+            raise RevisionCompacted(exc.compacted_revision) from exc
+        except _UNAVAILABLE as exc:
+            raise EtcdUnavailable(f"etcd watch {prefix}*: {exc or type(exc).__name__}") from exc
+        except aetcd_errors.ClientError as exc:
+            raise EtcdUnavailable(f"etcd watch {prefix}*: {exc}") from exc
+        finally:
+            await _quietly(watch.cancel())
+        # The watcher stream closed without an error: treat it as a broken connection.
+        raise EtcdUnavailable(f"etcd watch {prefix}*: stream ended")
+
+
+async def _quietly(awaitable: Awaitable[Any]) -> None:
+    # Best-effort cleanup of a stream that is already broken.
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(awaitable, 1.0)
+
+
+def _kv(item: Any) -> KeyValue:
+    return KeyValue(
+        key=item.key.decode(errors="replace"),
+        value=item.value,
+        create_revision=item.create_revision,
+        mod_revision=item.mod_revision,
+        lease=item.lease,
+    )

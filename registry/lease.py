@@ -1,0 +1,155 @@
+"""LeaseKeeper: keeps an instance's records alive under one etcd lease.
+
+aetcd has no keep-alive loop, so this is it: refresh every TTL/3. A refresh
+answering TTL <= 0, or no successful refresh for a whole TTL, means the lease
+is lost: grant a new one, put every record again, tell the owner. A record is
+never put without a lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+from registry.errors import EtcdError, EtcdUnavailable, MeshError
+from registry.etcd import EtcdClient
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+class LeaseKeeper:
+    """Owns one lease and the records under it; run() until cancelled, then revoke()."""
+
+    def __init__(
+        self,
+        client: EtcdClient,
+        *,
+        ttl: int,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        on_new_lease: Callable[[int], Awaitable[None]] | None = None,
+        retry_interval: float = 0.5,
+    ) -> None:
+        if ttl < 2:
+            raise MeshError(f"lease TTL must be at least 2 s, got {ttl}")
+        self._client = client
+        self.ttl = ttl
+        self._clock = clock
+        self._sleep = sleep
+        self._on_new_lease = on_new_lease
+        self._retry_interval = retry_interval
+        self._records: dict[str, bytes] = {}
+        self._lease_id: int | None = None
+        self._last_ok = 0.0
+        self._synced = False
+        self._unreachable = False
+        self._revoked = False
+        self.granted = asyncio.Event()  # set once the records are in etcd under a lease
+        self.grants = 0
+
+    @property
+    def lease_id(self) -> int | None:
+        return self._lease_id
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Keep ``key`` = ``value`` under the lease (now if etcd answers, else on reconnect)."""
+        self._records[key] = value
+        if self._lease_id is None or self._revoked:
+            return
+        try:
+            await self._client.put(key, value, lease=self._lease_id)
+        except (EtcdUnavailable, EtcdError) as exc:
+            self._synced = False
+            log.warning("could not write %s now, will retry: %s", key, exc)
+
+    async def run(self) -> None:
+        while not self._revoked:
+            if self._lease_id is None:
+                await self._grant()
+                continue
+            await self._sleep(self.ttl / 3 if not self._unreachable else self._retry_interval)
+            if self._revoked:
+                return
+            await self._refresh()
+
+    async def _grant(self) -> None:
+        try:
+            lease_id = await self._client.grant_lease(self.ttl)
+            self._lease_id = lease_id
+            self._last_ok = self._clock()
+            await self._put_all()
+        except (EtcdUnavailable, EtcdError) as exc:
+            self._lease_id = None
+            self._note_unreachable(exc)
+            await self._sleep(self._retry_interval)
+            return
+        self.grants += 1
+        self._note_reachable()
+        log.info(
+            "lease %x granted (ttl %ss), %d record(s) registered",
+            lease_id,
+            self.ttl,
+            len(self._records),
+        )
+        self.granted.set()
+        if self._on_new_lease is not None:
+            await self._on_new_lease(lease_id)
+
+    async def _refresh(self) -> None:
+        assert self._lease_id is not None
+        try:
+            ttl_left = await self._client.refresh_lease(self._lease_id)
+        except (EtcdUnavailable, EtcdError) as exc:
+            self._note_unreachable(exc)
+            if self._clock() - self._last_ok >= self.ttl:
+                self._lose(f"no successful refresh for {self.ttl} s")
+            return
+        if ttl_left <= 0:
+            self._lose("etcd says it expired or was revoked")
+            return
+        self._last_ok = self._clock()
+        self._note_reachable()
+        if not self._synced:
+            try:
+                await self._put_all()
+            except (EtcdUnavailable, EtcdError) as exc:
+                self._note_unreachable(exc)
+
+    async def _put_all(self) -> None:
+        assert self._lease_id is not None
+        self._synced = False
+        for key, value in list(self._records.items()):
+            await self._client.put(key, value, lease=self._lease_id)
+        self._synced = True
+
+    def _lose(self, why: str) -> None:
+        log.warning("lease %x lost (%s): granting a new one", self._lease_id or 0, why)
+        self._lease_id = None
+        self.granted.clear()
+
+    def _note_unreachable(self, exc: MeshError) -> None:
+        if not self._unreachable:
+            log.warning("etcd unreachable, keeping the last registration: %s", exc)
+            self._unreachable = True
+
+    def _note_reachable(self) -> None:
+        if self._unreachable:
+            log.info("etcd reachable again")
+            self._unreachable = False
+
+    async def revoke(self) -> None:
+        """Stop keeping the lease and revoke it, deleting its records at once; idempotent."""
+        self._revoked = True
+        lease_id, self._lease_id = self._lease_id, None
+        self.granted.clear()
+        if lease_id is None:
+            return
+        try:
+            await self._client.revoke_lease(lease_id)
+        except (EtcdUnavailable, EtcdError) as exc:
+            log.warning("could not revoke lease %x (its records expire with it): %s", lease_id, exc)

@@ -1,0 +1,107 @@
+"""Values stored in etcd: JSON documents an operator can read with etcdctl."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from registry.errors import InvalidName, RecordError
+from registry.keys import validate_instance_id, validate_service
+
+SERVING = "serving"
+DRAINING = "draining"
+STATES = (SERVING, DRAINING)
+MAX_WEIGHT = 1000
+
+
+def validate_weight(weight: int) -> int:
+    if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
+        raise InvalidName(f"invalid weight {weight!r}: must be an integer from 1 to {MAX_WEIGHT}")
+    return weight
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """``instances/<service>/<id>``: one live instance, kept under its lease."""
+
+    id: str
+    service: str
+    address: str
+    zone: str = ""
+    weight: int = 1
+    state: str = SERVING
+    grpc_services: tuple[str, ...] = field(default=())
+    version: str = ""
+    started_at: float = 0.0
+    # Extension to the contract's fields: full paths of the app's unary
+    # methods (from its reflection service), so peers' sidecars can take the
+    # cheaper unary proxy path for them.
+    unary_methods: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        validate_instance_id(self.id)
+        validate_service(self.service)
+        validate_weight(self.weight)
+        if self.state not in STATES:
+            raise InvalidName(f"invalid state {self.state!r}: must be one of {STATES}")
+        host, sep, port = self.address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidName(f"invalid address {self.address!r}: must be HOST:PORT")
+
+    @property
+    def serving(self) -> bool:
+        return self.state == SERVING
+
+    def to_json(self) -> bytes:
+        doc = asdict(self)
+        doc["grpc_services"] = list(self.grpc_services)
+        doc["unary_methods"] = list(self.unary_methods)
+        return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> InstanceRecord:
+        """Parse a stored record; raise RecordError on anything malformed."""
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RecordError(f"not JSON: {exc}") from exc
+        if not isinstance(doc, dict):
+            raise RecordError(f"expected a JSON object, got {type(doc).__name__}")
+        try:
+            return cls(
+                id=_field(doc, "id", str),
+                service=_field(doc, "service", str),
+                address=_field(doc, "address", str),
+                zone=_field(doc, "zone", str, ""),
+                weight=_field(doc, "weight", int, 1),
+                state=_field(doc, "state", str, SERVING),
+                grpc_services=tuple(_string_list(doc, "grpc_services")),
+                version=_field(doc, "version", str, ""),
+                started_at=float(_field(doc, "started_at", (int, float), 0.0)),
+                unary_methods=tuple(_string_list(doc, "unary_methods")),
+            )
+        except InvalidName as exc:
+            raise RecordError(str(exc)) from exc
+
+
+_MISSING: Any = object()
+
+
+def _field(doc: dict[str, Any], name: str, kind: Any, default: Any = _MISSING) -> Any:
+    value = doc.get(name, default)
+    if value is _MISSING:
+        raise RecordError(f"missing field {name!r}")
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise RecordError(f"field {name!r} has the wrong type ({type(value).__name__})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecordError(f"field {name!r} is not finite")
+    return value
+
+
+def _string_list(doc: dict[str, Any], name: str) -> list[str]:
+    value = doc.get(name, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RecordError(f"field {name!r} must be a list of strings")
+    return value

@@ -1,0 +1,5 @@
+import sys
+
+from ringmesh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,173 @@
+"""The `ringmesh` command line. Exit 0 on success, 2 on a usage error, 1 otherwise."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
+
+from registry.errors import ConfigError, MeshError
+from registry.etcd import EtcdClient
+from registry.keys import KeyLayout
+from ringmesh.options import EnvParser, add_etcd_options, etcd_config
+
+log = logging.getLogger("ringmesh")
+
+
+def build_parser() -> EnvParser:
+    parser = EnvParser(prog="ringmesh", description="A service mesh for gRPC services.")
+    parser.option("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=EnvParser)
+
+    sidecar = commands.add_parser("sidecar", help="run the sidecar of one service instance")
+    sidecar.option("--service", required=True, help="this instance's service (a DNS label)")
+    sidecar.option("--app", required=True, metavar="HOST:PORT", help="the app's gRPC address")
+    sidecar.option(
+        "--outbound",
+        default="127.0.0.1:15001",
+        metavar="HOST:PORT",
+        help="where the app sends its calls (loopback only)",
+    )
+    sidecar.option(
+        "--inbound", default="0.0.0.0:15002", metavar="HOST:PORT", help="where peers call in"
+    )
+    sidecar.option("--advertise", metavar="HOST:PORT", help="address peers dial (default: inbound)")
+    sidecar.option(
+        "--admin", default="127.0.0.1:15090", metavar="HOST:PORT", help="probes and metrics"
+    )
+    sidecar.option("--instance-id", help="stable instance id (default: HOSTNAME-INBOUNDPORT)")
+    sidecar.option("--zone", default="", help="zone label")
+    sidecar.option("--weight", type=int, default=1, help="ring weight, 1-1000")
+    sidecar.option("--ttl", type=int, default=10, help="lease TTL in seconds")
+    sidecar.option(
+        "--drain-grace", type=float, default=10.0, help="seconds to finish in-flight calls"
+    )
+    sidecar.option(
+        "--idempotent",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="method paths safe to retry, e.g. '/pkg.Svc/*' (repeatable)",
+    )
+    sidecar.option("--tls-dir", metavar="DIR", help="mesh certificates (mTLS between sidecars)")
+    add_etcd_options(sidecar)
+
+    topology = commands.add_parser("topology", help="print services and instances from etcd")
+    topology.option("--json", action="store_true", help="one JSON document on stdout")
+    topology.option("--watch", action="store_true", help="print again on every change")
+    add_etcd_options(topology)
+
+    route = commands.add_parser("route", help="owner and failover order of a key")
+    route.add_argument("service")
+    route.add_argument("key")
+    route.option("--json", action="store_true", help="one JSON document on stdout")
+    add_etcd_options(route)
+
+    up = commands.add_parser("up", help="a local mesh: embedded etcd and demo services")
+    up.option("--for", dest="duration", type=float, metavar="SECONDS", help="stop after SECONDS")
+    up.option("--replicas", type=int, default=3, help="instances of the demo service")
+    up.add_argument(
+        "-f", dest="mesh_file", metavar="mesh.yaml", help="mesh description (not yet supported)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("grpc_reflection").setLevel(logging.WARNING)
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:
+        print(f"ringmesh {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except MeshError as exc:
+        print(f"ringmesh {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "up":
+        from ringmesh.up import run_up
+
+        if args.mesh_file:
+            raise ConfigError("-f mesh.yaml is not supported yet; use --replicas")
+        return run_up(replicas=args.replicas, duration=args.duration)
+    if args.command == "sidecar":
+        return _run(_sidecar(args))
+    layout = KeyLayout(args.prefix)
+    config = etcd_config(args)
+    if args.command == "topology":
+        from ringmesh.inspect import topology_command
+
+        return _run(
+            _with_etcd(
+                config, lambda c: topology_command(c, layout, as_json=args.json, watch=args.watch)
+            )
+        )
+    if args.command == "route":
+        from ringmesh.inspect import route_command
+
+        return _run(
+            _with_etcd(
+                config,
+                lambda c: route_command(c, layout, args.service, args.key, as_json=args.json),
+            )
+        )
+    raise ConfigError(f"unknown command {args.command!r}")
+
+
+async def _with_etcd(config: Any, body: Callable[[EtcdClient], Awaitable[int]]) -> int:
+    async with EtcdClient(config) as client:
+        return await body(client)
+
+
+def _run(main_coro: Coroutine[Any, Any, int]) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main_coro)
+    # uvloop: 10-13% less proxy CPU per call (FIELD-NOTES.md).
+    result: int = uvloop.run(main_coro)
+    return result
+
+
+async def _sidecar(args: argparse.Namespace) -> int:
+    from sidecar.config import SidecarConfig
+    from sidecar.runtime import Sidecar
+
+    if args.tls_dir:
+        raise ConfigError("--tls-dir (mesh mTLS) is not supported yet")
+    config = SidecarConfig(
+        service=args.service,
+        app=args.app,
+        outbound=args.outbound,
+        inbound=args.inbound,
+        advertise=args.advertise,
+        admin=args.admin,
+        etcd=etcd_config(args),
+        prefix=args.prefix,
+        instance_id=args.instance_id,
+        zone=args.zone,
+        weight=args.weight,
+        ttl=args.ttl,
+        drain_grace=args.drain_grace,
+        idempotent=tuple(args.idempotent),
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Sidecar(config).run(stop)
+    return 0

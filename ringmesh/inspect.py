@@ -1,0 +1,123 @@
+"""`ringmesh topology` and `ringmesh route`: what the mesh looks like, straight from etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any, TextIO
+
+from registry.errors import EtcdUnavailable
+from registry.etcd import EtcdClient
+from registry.keys import KeyLayout, validate_service
+from registry.topology import Topology, TopologyWatch, read_topology
+from sidecar.routing import RoutingTable
+
+
+async def _lease_ttls(client: EtcdClient, topology: Topology) -> dict[int, int]:
+    leases = {e.lease for ids in topology.services.values() for e in ids.values() if e.lease}
+    ttls: dict[int, int] = {}
+    for lease in sorted(leases):
+        try:
+            ttls[lease] = await client.lease_ttl(lease)
+        except EtcdUnavailable:
+            ttls[lease] = -1
+    return ttls
+
+
+def topology_document(topology: Topology, ttls: dict[int, int]) -> dict[str, Any]:
+    """The JSON form of `ringmesh topology --json`."""
+    table = RoutingTable.build(topology)
+    services: dict[str, Any] = {}
+    for service, ids in topology.services.items():
+        ring = table.rings.get(service)
+        shares = ring.shares() if ring is not None else {}
+        services[service] = {
+            "instances": [
+                {
+                    "id": entry.record.id,
+                    "address": entry.record.address,
+                    "zone": entry.record.zone,
+                    "state": entry.record.state,
+                    "weight": entry.record.weight,
+                    "ring_share": round(shares.get(entry.record.id, 0.0), 4),
+                    "lease": f"{entry.lease:x}",
+                    "lease_ttl": ttls.get(entry.lease, -1),
+                    "grpc_services": list(entry.record.grpc_services),
+                    "version": entry.record.version,
+                }
+                for entry in ids.values()
+            ]
+        }
+    return {"revision": topology.revision, "services": services}
+
+
+def render_topology(doc: dict[str, Any], out: TextIO) -> None:
+    header = ("SERVICE", "INSTANCE", "ADDRESS", "ZONE", "STATE", "WEIGHT", "SHARE", "TTL")
+    rows = [header]
+    for service, body in doc["services"].items():
+        for inst in body["instances"]:
+            rows.append((
+                service, inst["id"], inst["address"], inst["zone"] or "-", inst["state"],
+                str(inst["weight"]), f"{inst['ring_share'] * 100:.1f}%",
+                f"{inst['lease_ttl']}s" if inst["lease_ttl"] >= 0 else "-",
+            ))  # fmt: skip
+    if len(rows) == 1:
+        out.write(f"no instances registered (revision {doc['revision']})\n")
+        return
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        out.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            + "\n"
+        )
+    out.write(f"revision {doc['revision']}\n")
+
+
+async def topology_command(
+    client: EtcdClient, layout: KeyLayout, *, as_json: bool, watch: bool
+) -> int:
+    if not watch:
+        topology = await read_topology(client, layout)
+        _emit(topology_document(topology, await _lease_ttls(client, topology)), as_json)
+        return 0
+    changed = asyncio.Event()
+    watcher = TopologyWatch(client, layout, on_change=lambda _t: changed.set())
+    task = asyncio.create_task(watcher.run())
+    try:
+        while True:
+            await changed.wait()
+            changed.clear()
+            topology = watcher.topology
+            _emit(topology_document(topology, await _lease_ttls(client, topology)), as_json)
+    finally:
+        task.cancel()
+
+
+def _emit(doc: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
+    else:
+        render_topology(doc, sys.stdout)
+    sys.stdout.flush()
+
+
+async def route_command(
+    client: EtcdClient, layout: KeyLayout, service: str, key: str, *, as_json: bool
+) -> int:
+    validate_service(service)
+    table = RoutingTable.build(await read_topology(client, layout))
+    order = table.route(service, key)
+    if as_json:
+        doc = {
+            "service": service,
+            "key": key,
+            "owner": order[0].id,
+            "order": [{"id": p.id, "address": p.address} for p in order],
+        }
+        sys.stdout.write(json.dumps(doc) + "\n")
+        return 0
+    for i, peer in enumerate(order):
+        role = "owner" if i == 0 else f"failover {i}"
+        sys.stdout.write(f"{role:<11} {peer.id}  {peer.address}\n")
+    return 0

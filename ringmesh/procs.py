@@ -1,0 +1,150 @@
+"""Child processes that announce themselves with JSON lines on stdout.
+
+Used by `ringmesh up` and the tests: start a demo app or a sidecar, wait
+for its event line, and always stop it (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from registry.errors import MeshError
+
+
+class Child:
+    """A child process whose stdout is a stream of JSON event lines."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        stderr: Any = None,
+    ) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.events: queue.Queue[dict[str, Any]] = queue.Queue()
+        self.seen: list[dict[str, Any]] = []
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            # A Ctrl-C in the terminal goes to `up`, which stops its children in order.
+            start_new_session=True,
+        )
+        self._reader = threading.Thread(target=self._read, name=f"{name}-stdout", daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict):
+                    self.events.put(event)
+
+    def wait_event(self, name: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Block until the child prints ``{"event": name, ...}``; raise if it exits first."""
+        for event in self.seen:
+            if event.get("event") == name:
+                return event
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise MeshError(f"{self.name}: no {name!r} event within {timeout} s")
+            try:
+                event = self.events.get(timeout=min(left, 0.1))
+            except queue.Empty:
+                if self.proc.poll() is not None and self.events.empty():
+                    raise MeshError(
+                        f"{self.name} exited with {self.proc.returncode} before {name!r}"
+                    ) from None
+                continue
+            self.seen.append(event)
+            if event.get("event") == name:
+                return event
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]
+
+
+def demo_app(instance: str, *, port: int = 0, stderr: Any = None) -> Child:
+    child = Child(
+        f"app {instance}",
+        python_module("ringmesh.demo", "--port", str(port), "--instance", instance),
+        stderr=stderr,
+    )
+    return child
+
+
+def sidecar(
+    service: str,
+    app: str,
+    etcd_url: str,
+    *extra: str,
+    name: str | None = None,
+    env: dict[str, str] | None = None,
+    stderr: Any = None,
+) -> Child:
+    argv = python_module(
+        "ringmesh",
+        "sidecar",
+        "--service",
+        service,
+        "--app",
+        app,
+        "--etcd",
+        etcd_url,
+        "--outbound",
+        "127.0.0.1:0",
+        "--inbound",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        *extra,
+    )
+    return Child(name or f"sidecar {service}", argv, env=env, stderr=stderr)

@@ -1,0 +1,85 @@
+"""Keyed calls through a sidecar reach the ring owner that `ringmesh route` names."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import defaultdict
+
+import grpc
+import pytest
+
+from proto import demo_pb2
+from ringmesh import cli
+from tests.mesh import Mesh
+
+pytestmark = pytest.mark.integration
+
+
+def keyed(key: str, service: str = "echo") -> tuple[tuple[str, str], ...]:
+    return (("ringmesh-service", service), ("ringmesh-hash-key", key))
+
+
+def test_keyed_calls_stick_to_the_owner_route_names(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
+    echoes = [mesh.add("echo") for _ in range(3)]
+    client = mesh.add("client")
+    keys = [f"user-{i}" for i in range(250)]
+    served: dict[str, set[str]] = defaultdict(set)
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        for _ in range(4):  # 1,000 calls
+            for key in keys:
+                reply = stub.Echo(demo_pb2.EchoRequest(text=key), metadata=keyed(key), timeout=5)
+                assert reply.text == key
+                served[key].add(reply.instance)
+    assert all(len(instances) == 1 for instances in served.values())
+    assert {next(iter(s)) for s in served.values()} == {e.name for e in echoes}
+
+    capsys.readouterr()
+    for key in keys:
+        rc = cli.main(["route", "echo", key, "--json", "--etcd", mesh.etcd.url, "--prefix", mesh.prefix])
+        assert rc == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert doc["owner"] == next(iter(served[key])), key
+        assert sorted(p["id"] for p in doc["order"]) == sorted(e.name for e in echoes)
+
+
+def test_route_command_prints_owner_then_failover(mesh: Mesh) -> None:
+    for _ in range(3):
+        mesh.add("echo")
+    out = subprocess.run(
+        [sys.executable, "-m", "ringmesh", "route", "echo", "user-7", "--etcd", mesh.etcd.url,
+         "--prefix", mesh.prefix],
+        capture_output=True, text=True, timeout=30, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    assert [line.split()[0] for line in out] == ["owner", "failover", "failover"]
+    assert len({line.split()[-2] for line in out}) == 3
+
+
+def test_unkeyed_calls_spread_over_instances(mesh: Mesh) -> None:
+    echoes = [mesh.add("echo") for _ in range(3)]
+    client = mesh.add("client")
+    counts: dict[str, int] = defaultdict(int)
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        for i in range(300):
+            reply = stub.Echo(
+                demo_pb2.EchoRequest(text=str(i)), metadata=(("ringmesh-service", "echo"),), timeout=5
+            )
+            counts[reply.instance] += 1
+    assert set(counts) == {e.name for e in echoes}
+
+
+def test_method_path_resolves_the_one_service_declaring_it(mesh: Mesh) -> None:
+    echo = mesh.add("echo")
+    with mesh.channel(echo.outbound) as channel:
+        stub = mesh.stub(channel)
+        # No ringmesh-service metadata: only 'echo' declares ringmesh.demo.v1.Demo.
+        reply = stub.Echo(demo_pb2.EchoRequest(text="x"), timeout=5)
+        assert reply.instance == echo.name
+        mesh.add("other")  # a second service declaring the same gRPC service
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Echo(demo_pb2.EchoRequest(text="x"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "echo, other" in (err.value.details() or "")
