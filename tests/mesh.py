@@ -53,7 +53,10 @@ class Mesh:
         return self
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.close()
 
@@ -86,7 +89,9 @@ class Mesh:
         self.children.append(child)
         return child
 
-    def add(self, service: str = "echo", name: str | None = None, *extra: str, wait: bool = True) -> Instance:
+    def add(
+        self, service: str = "echo", name: str | None = None, *extra: str, wait: bool = True
+    ) -> Instance:
         """Start a demo app and its sidecar; by default wait until it is registered."""
         name = name or f"{service}-{next(_names)}"
         app = self.start_app(name)

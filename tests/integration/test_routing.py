@@ -21,7 +21,9 @@ def keyed(key: str, service: str = "echo") -> tuple[tuple[str, str], ...]:
     return (("ringmesh-service", service), ("ringmesh-hash-key", key))
 
 
-def test_keyed_calls_stick_to_the_owner_route_names(mesh: Mesh, capsys: pytest.CaptureFixture[str]) -> None:
+def test_keyed_calls_stick_to_the_owner_route_names(
+    mesh: Mesh, capsys: pytest.CaptureFixture[str]
+) -> None:
     echoes = [mesh.add("echo") for _ in range(3)]
     client = mesh.add("client")
     keys = [f"user-{i}" for i in range(250)]
@@ -38,7 +40,9 @@ def test_keyed_calls_stick_to_the_owner_route_names(mesh: Mesh, capsys: pytest.C
 
     capsys.readouterr()
     for key in keys:
-        rc = cli.main(["route", "echo", key, "--json", "--etcd", mesh.etcd.url, "--prefix", mesh.prefix])
+        rc = cli.main(
+            ["route", "echo", key, "--json", "--etcd", mesh.etcd.url, "--prefix", mesh.prefix]
+        )
         assert rc == 0
         doc = json.loads(capsys.readouterr().out)
         assert doc["owner"] == next(iter(served[key])), key
@@ -65,7 +69,9 @@ def test_unkeyed_calls_spread_over_instances(mesh: Mesh) -> None:
         stub = mesh.stub(channel)
         for i in range(300):
             reply = stub.Echo(
-                demo_pb2.EchoRequest(text=str(i)), metadata=(("ringmesh-service", "echo"),), timeout=5
+                demo_pb2.EchoRequest(text=str(i)),
+                metadata=(("ringmesh-service", "echo"),),
+                timeout=5,
             )
             counts[reply.instance] += 1
     assert set(counts) == {e.name for e in echoes}
