@@ -315,3 +315,48 @@ def test_up_runs_a_local_mesh_and_stops_cleanly() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert "3 instance(s) of 'demo' registered" in result.stdout
     assert result.stdout.count("-> demo-") == 5
+
+
+def test_sigterm_finishes_in_flight_calls(mesh: Mesh) -> None:
+    echo = mesh.add("echo")
+    client = mesh.add("client")
+    with mesh.channel(client.outbound) as channel, ThreadPoolExecutor(4) as pool:
+        stub = mesh.stub(channel)
+        slow = [
+            pool.submit(
+                stub.Echo,
+                demo_pb2.EchoRequest(text=str(i), delay_ms=1500),
+                metadata=keyed(f"s{i}"),
+                timeout=10,
+            )
+            for i in range(4)
+        ]
+        time.sleep(0.5)  # the calls are in flight at the echo instance now
+        echo.sidecar.signal(signal.SIGTERM)
+        assert [f.result().text for f in slow] == ["0", "1", "2", "3"]
+        assert echo.sidecar.proc.wait(timeout=15) == 0
+
+
+def test_topology_watch_prints_each_change(mesh: Mesh) -> None:
+    first = mesh.add("echo")
+    watcher = subprocess.Popen(
+        [sys.executable, "-m", "ringmesh", "topology", "--watch", "--json", "--etcd", mesh.etcd.url, "--prefix", mesh.prefix],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    guard = threading.Timer(30, watcher.kill)  # never hang the suite on a silent watcher
+    guard.start()
+    try:
+        assert watcher.stdout is not None
+        doc = json.loads(watcher.stdout.readline())
+        assert [i["id"] for i in doc["services"]["echo"]["instances"]] == [first.name]
+        second = mesh.add("echo")
+        while True:  # one document per change; the new instance shows up
+            doc = json.loads(watcher.stdout.readline())
+            ids = {i["id"] for i in doc["services"]["echo"]["instances"]}
+            if second.name in ids:
+                assert ids == {first.name, second.name}
+                break
+    finally:
+        guard.cancel()
+        watcher.terminate()
+        watcher.wait(timeout=10)
