@@ -72,9 +72,11 @@ class EtcdConfig:
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(f"invalid etcd endpoint {url!r}: expected http(s)://HOST:PORT")
             try:
-                port = parts.port or 2379
+                port = 2379 if parts.port is None else parts.port
             except ValueError as exc:
                 raise ConfigError(f"invalid etcd endpoint {url!r}: {exc}") from exc
+            if port == 0:
+                raise ConfigError(f"invalid etcd endpoint {url!r}: port 0")
             host = parts.hostname
             endpoints.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             schemes.add(parts.scheme)

@@ -80,6 +80,9 @@ class LeaseKeeper:
     async def _grant(self) -> None:
         try:
             lease_id = await self._client.grant_lease(self.ttl)
+            if self._revoked:  # revoke() ran while the grant was in flight
+                await self._client.revoke_lease(lease_id)
+                return
             self._lease_id = lease_id
             self._last_ok = self._clock()
             await self._put_all()
@@ -121,10 +124,13 @@ class LeaseKeeper:
                 self._note_unreachable(exc)
 
     async def _put_all(self) -> None:
-        assert self._lease_id is not None
+        lease_id = self._lease_id
+        assert lease_id is not None
         self._synced = False
         for key, value in list(self._records.items()):
-            await self._client.put(key, value, lease=self._lease_id)
+            if self._revoked or self._lease_id != lease_id:
+                return  # never put a record under a lease we no longer hold
+            await self._client.put(key, value, lease=lease_id)
         self._synced = True
 
     def _lose(self, why: str) -> None:

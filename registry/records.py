@@ -47,7 +47,12 @@ class InstanceRecord:
         if self.state not in STATES:
             raise InvalidName(f"invalid state {self.state!r}: must be one of {STATES}")
         host, sep, port = self.address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if (
+            not sep
+            or not host
+            or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536
+        ):
             raise InvalidName(f"invalid address {self.address!r}: must be HOST:PORT")
 
     @property
@@ -65,7 +70,7 @@ class InstanceRecord:
         """Parse a stored record; raise RecordError on anything malformed."""
         try:
             doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise RecordError(f"not JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise RecordError(f"expected a JSON object, got {type(doc).__name__}")
@@ -82,7 +87,7 @@ class InstanceRecord:
                 started_at=float(_field(doc, "started_at", (int, float), 0.0)),
                 unary_methods=tuple(_string_list(doc, "unary_methods")),
             )
-        except InvalidName as exc:
+        except (InvalidName, OverflowError) as exc:
             raise RecordError(str(exc)) from exc
 
 

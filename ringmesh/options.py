@@ -30,20 +30,56 @@ class EnvParser(argparse.ArgumentParser):
         name = env_name(long_flag)
         raw = self.environ.get(name)
         if raw is not None and raw != "":
-            if kwargs.get("action") == "store_true":
-                kwargs["default"] = raw.lower() in ("1", "true", "yes", "on")
-            elif kwargs.get("action") == "append":
-                kwargs["default"] = [v for v in raw.split(",") if v]
-            else:
-                kind = kwargs.get("type", str)
-                try:
-                    kwargs["default"] = kind(raw)
-                except (TypeError, ValueError):
-                    self.error(f"invalid value in {name}: {raw!r}")
+            kwargs["default"] = self._from_env(name, raw, kwargs)
             kwargs["required"] = False
+            if kwargs.get("action") == "append":
+                kwargs["action"] = _AppendOverridingDefault
         help_text = kwargs.get("help", "")
         kwargs["help"] = f"{help_text} [env {name}]".strip()
         return self.add_argument(*flags, **kwargs)
+
+    def _from_env(self, name: str, raw: str, kwargs: dict[str, Any]) -> Any:
+        action = kwargs.get("action")
+        if action == "store_true":
+            word = raw.strip().lower()
+            if word not in _TRUE | _FALSE:
+                self.error(
+                    f"invalid value in {name}: {raw!r} (expected 1/0, true/false, yes/no, on/off)"
+                )
+            return word in _TRUE
+        if action == "append":
+            return [v for v in raw.split(",") if v]
+        kind = kwargs.get("type", str)
+        try:
+            value = kind(raw)
+        except (TypeError, ValueError):
+            self.error(f"invalid value in {name}: {raw!r}")
+        choices = kwargs.get("choices")
+        if choices is not None and value not in choices:
+            self.error(
+                f"invalid value in {name}: {raw!r} (choose from {', '.join(map(str, choices))})"
+            )
+        return value
+
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+class _AppendOverridingDefault(argparse.Action):
+    """Like ``append``, but flags given on the command line replace the env list."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        if current is self.default:
+            current = []
+        setattr(namespace, self.dest, [*(current or []), values])
 
 
 def add_etcd_options(parser: EnvParser) -> None:

@@ -15,7 +15,7 @@ from registry.records import validate_weight
 def split_hostport(value: str, *, what: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()) or not 0 <= int(port) < 65536:
         raise ConfigError(f"invalid {what} {value!r}: expected HOST:PORT")
     return host or "0.0.0.0", int(port)
 

@@ -7,10 +7,10 @@ swaps the reference.
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 
 from uhashring import HashRing
 
@@ -43,6 +43,11 @@ class BoundedRing:
             raise ValueError(f"load factor must be >= 1, got {load_factor}")
         self.peers: dict[str, Peer] = {p.id: p for p in sorted(peers, key=lambda p: p.id)}
         self.load_factor = load_factor
+        # Exact integer maths for the bound: float rounding let a peer take one
+        # call over ceil(c x average) (e.g. weights 3 and 14, 67 in flight).
+        self._lf_num, self._lf_den = (
+            Fraction(load_factor).limit_denominator(10_000).as_integer_ratio()
+        )
         self._list = tuple(self.peers.values())
         self._total_weight = sum(p.weight for p in self._list)
         self._ring = HashRing(
@@ -64,8 +69,8 @@ class BoundedRing:
 
     def capacity(self, peer: Peer, total_inflight: int) -> int:
         """Most calls ``peer`` may hold once one more call is placed (weighted bound)."""
-        share = peer.weight / self._total_weight
-        return math.ceil(self.load_factor * (total_inflight + 1) * share)
+        numerator = self._lf_num * (total_inflight + 1) * peer.weight
+        return -(-numerator // (self._lf_den * self._total_weight))
 
     def choose(self, key: str, inflight: Mapping[str, int]) -> Peer:
         """The first peer in ring order from ``key`` that is below its bounded load."""

@@ -1,0 +1,293 @@
+"""RoutingTable: which service a call is for, and which instances may serve it."""
+
+from __future__ import annotations
+
+import pytest
+
+from registry.errors import InvalidName, MeshError, NoLiveInstance, UnknownService
+from registry.records import DRAINING, SERVING, InstanceRecord
+from registry.topology import Registered, Topology
+from sidecar.ring import Peer
+from sidecar.routing import RoutingTable, grpc_service_of
+
+
+def rec(
+    service: str,
+    instance_id: str,
+    *,
+    port: int = 50051,
+    state: str = SERVING,
+    weight: int = 1,
+    zone: str = "",
+    grpc_services: tuple[str, ...] = (),
+    unary_methods: tuple[str, ...] = (),
+) -> InstanceRecord:
+    return InstanceRecord(
+        id=instance_id,
+        service=service,
+        address=f"{instance_id}.{service}:{port}",
+        zone=zone,
+        weight=weight,
+        state=state,
+        grpc_services=grpc_services,
+        unary_methods=unary_methods,
+    )
+
+
+def topo(*records: InstanceRecord, revision: int = 10) -> Topology:
+    return Topology.build(
+        revision, [Registered(r, lease=0x100 + i, mod_revision=i) for i, r in enumerate(records)]
+    )
+
+
+def table(*records: InstanceRecord, previous: RoutingTable | None = None) -> RoutingTable:
+    return RoutingTable.build(topo(*records), previous=previous)
+
+
+ECHO = "demo.Echo"
+ECHO_SVC = (ECHO, "grpc.health.v1.Health")
+
+
+# -- grpc_service_of ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("/demo.Echo/Say", "demo.Echo"),
+        ("/grpc.health.v1.Health/Check", "grpc.health.v1.Health"),
+        ("/Svc/M", "Svc"),
+        ("demo.Echo/Say", ""),
+        ("/demo.Echo/Say/extra", ""),
+        ("/demo.Echo", ""),
+        ("", ""),
+        ("/", ""),
+    ],
+)
+def test_grpc_service_of(method: str, expected: str) -> None:
+    assert grpc_service_of(method) == expected
+
+
+# -- resolve -----------------------------------------------------------------------
+
+
+def test_metadata_service_wins_over_the_method_path() -> None:
+    routing = table(
+        rec("echo", "e1", grpc_services=ECHO_SVC),
+        rec("other", "o1", grpc_services=("other.Svc",)),
+    )
+    # The path names echo's gRPC service, the metadata names "other": metadata wins.
+    assert routing.resolve(service="other", method="/demo.Echo/Say") == "other"
+    assert routing.resolve(service="echo", method="/nobody.Declares/This") == "echo"
+    assert routing.resolve(service="echo", method="garbage") == "echo"
+
+
+@pytest.mark.parametrize("bad", ["Echo", "-echo", "echo-", "ec_ho", "", "a" * 64, "echo.svc"])
+def test_metadata_service_with_an_invalid_name_raises_invalid_name(bad: str) -> None:
+    routing = table(rec("echo", "e1", grpc_services=ECHO_SVC))
+    with pytest.raises(InvalidName):
+        routing.resolve(service=bad, method="/demo.Echo/Say")
+
+
+def test_unknown_metadata_service_raises_unknown_service_naming_it() -> None:
+    routing = table(rec("echo", "e1", grpc_services=ECHO_SVC))
+    with pytest.raises(UnknownService, match="'billing'"):
+        routing.resolve(service="billing", method="/demo.Echo/Say")
+
+
+def test_method_path_resolves_when_exactly_one_service_declares_it() -> None:
+    routing = table(
+        rec("echo", "e1", grpc_services=ECHO_SVC),
+        rec("echo", "e2", grpc_services=ECHO_SVC),
+        rec("billing", "b1", grpc_services=("pay.Billing",)),
+    )
+    assert routing.resolve(service=None, method="/demo.Echo/Say") == "echo"
+    assert routing.resolve(service=None, method="/pay.Billing/Charge") == "billing"
+
+
+def test_method_path_declared_by_two_services_is_an_error_naming_both() -> None:
+    routing = table(
+        rec("echo", "e1", grpc_services=ECHO_SVC),
+        rec("billing", "b1", grpc_services=("pay.Billing", "grpc.health.v1.Health")),
+    )
+    with pytest.raises(UnknownService) as info:
+        routing.resolve(service=None, method="/grpc.health.v1.Health/Check")
+    message = str(info.value)
+    assert "billing" in message and "echo" in message
+    assert "ringmesh-service" in message  # tells the caller how to disambiguate
+
+
+@pytest.mark.parametrize("method", ["/nobody.Declares/This", "not-a-path", ""])
+def test_method_path_nobody_declares_is_unknown(method: str) -> None:
+    routing = table(rec("echo", "e1", grpc_services=ECHO_SVC))
+    with pytest.raises(UnknownService) as info:
+        routing.resolve(service=None, method=method)
+    assert repr(method) in str(info.value)
+
+
+def test_empty_table_knows_nothing() -> None:
+    routing = RoutingTable()
+    with pytest.raises(UnknownService):
+        routing.resolve(service="echo", method="/demo.Echo/Say")
+    with pytest.raises(UnknownService):
+        routing.resolve(service=None, method="/demo.Echo/Say")
+    with pytest.raises(UnknownService, match="'echo'"):
+        routing.ring("echo")
+
+
+# -- ring / route ------------------------------------------------------------------
+
+
+def test_ring_of_an_unknown_service_raises_unknown_service() -> None:
+    routing = table(rec("echo", "e1"))
+    with pytest.raises(UnknownService, match="unknown service 'billing'"):
+        routing.ring("billing")
+    with pytest.raises(UnknownService):
+        routing.route("billing", "key")
+
+
+def test_service_seen_before_but_now_empty_has_no_live_instance() -> None:
+    first = table(rec("echo", "e1"), rec("billing", "b1"))
+    second = table(rec("billing", "b1"), previous=first)
+    assert "echo" in second.known
+    with pytest.raises(NoLiveInstance) as info:
+        second.ring("echo")
+    assert str(info.value) == "no live instance of service 'echo'"
+    with pytest.raises(NoLiveInstance):
+        second.route("echo", "key")
+    # Still known on the build after that: the memory does not fade after one build.
+    third = table(rec("billing", "b1"), previous=second)
+    with pytest.raises(NoLiveInstance):
+        third.ring("echo")
+    # Not "unknown": callers retry UNAVAILABLE, they do not retry UNIMPLEMENTED.
+    assert not isinstance(info.value, UnknownService)
+    assert isinstance(info.value, MeshError)
+
+
+def test_draining_instances_are_not_in_the_ring() -> None:
+    routing = table(
+        rec("echo", "e1"),
+        rec("echo", "e2", state=DRAINING),
+        rec("echo", "e3"),
+    )
+    ring = routing.ring("echo")
+    assert set(ring.peers) == {"e1", "e3"}
+    for key in (f"k{i}" for i in range(200)):
+        assert [p.id for p in routing.route("echo", key)] in (["e1", "e3"], ["e3", "e1"])
+
+
+def test_all_instances_draining_means_no_live_instance() -> None:
+    routing = table(rec("echo", "e1", state=DRAINING), rec("echo", "e2", state=DRAINING))
+    assert routing.resolve(service="echo", method="/x.Y/Z") == "echo"
+    with pytest.raises(NoLiveInstance, match="no live instance of service 'echo'"):
+        routing.ring("echo")
+
+
+def test_ring_peers_carry_the_record_fields() -> None:
+    routing = table(rec("echo", "e1", weight=3, zone="eu-1", port=7000))
+    assert routing.ring("echo").peers == {
+        "e1": Peer(id="e1", address="e1.echo:7000", weight=3, zone="eu-1")
+    }
+
+
+def test_route_is_owner_then_failover_order() -> None:
+    routing = table(*(rec("echo", f"e{i}") for i in range(5)))
+    ring = routing.ring("echo")
+    for key in (f"user-{i}" for i in range(100)):
+        order = routing.route("echo", key)
+        assert order == ring.order(key)
+        assert order[0] == ring.owner(key)
+        assert len(order) == 5
+
+
+def test_revision_comes_from_the_topology() -> None:
+    routing = RoutingTable.build(topo(rec("echo", "e1"), revision=42))
+    assert routing.revision == 42
+
+
+# -- incremental builds -------------------------------------------------------------
+
+
+def test_unchanged_rings_are_reused_across_builds() -> None:
+    first = table(rec("echo", "e1"), rec("echo", "e2"), rec("billing", "b1"))
+    # A new topology object, same serving peers for echo; billing gains an instance;
+    # a draining echo instance does not change echo's ring either.
+    second = table(
+        rec("echo", "e2"),
+        rec("echo", "e1"),
+        rec("echo", "e9", state=DRAINING),
+        rec("billing", "b1"),
+        rec("billing", "b2"),
+        previous=first,
+    )
+    assert second.rings["echo"] is first.rings["echo"]
+    assert second.rings["billing"] is not first.rings["billing"]
+    assert set(second.ring("billing").peers) == {"b1", "b2"}
+
+
+@pytest.mark.parametrize(
+    "changed",
+    [
+        rec("echo", "e1", weight=2),
+        rec("echo", "e1", port=9999),
+        rec("echo", "e1", zone="other"),
+        rec("echo", "e1", state=DRAINING),
+    ],
+)
+def test_a_changed_peer_rebuilds_the_ring(changed: InstanceRecord) -> None:
+    first = table(rec("echo", "e1"), rec("echo", "e2"))
+    second = table(changed, rec("echo", "e2"), previous=first)
+    assert second.rings["echo"] is not first.rings["echo"]
+    expected = {"e2"} if not changed.serving else {"e1", "e2"}
+    assert set(second.ring("echo").peers) == expected
+    if changed.serving:
+        assert second.ring("echo").peers["e1"].address == changed.address
+        assert second.ring("echo").peers["e1"].weight == changed.weight
+
+
+def test_a_new_load_factor_rebuilds_the_ring() -> None:
+    first = table(rec("echo", "e1"))
+    second = RoutingTable.build(topo(rec("echo", "e1")), previous=first, load_factor=2.0)
+    assert second.rings["echo"] is not first.rings["echo"]
+    assert second.rings["echo"].load_factor == 2.0
+
+
+def test_unary_methods_accumulate_across_builds() -> None:
+    first = table(rec("echo", "e1", unary_methods=("/demo.Echo/Say",)))
+    assert first.unary_methods == frozenset({"/demo.Echo/Say"})
+    second = table(
+        rec("echo", "e2", unary_methods=("/demo.Echo/Shout",)),
+        rec("billing", "b1", unary_methods=("/pay.Billing/Charge",)),
+        previous=first,
+    )
+    assert second.unary_methods == frozenset(
+        {"/demo.Echo/Say", "/demo.Echo/Shout", "/pay.Billing/Charge"}
+    )
+    # Without a previous table nothing is remembered.
+    assert table(rec("echo", "e2")).unary_methods == frozenset()
+
+
+def test_declarations_are_remembered_so_a_dead_service_still_resolves() -> None:
+    first = table(rec("echo", "e1", grpc_services=ECHO_SVC), rec("billing", "b1"))
+    second = table(rec("billing", "b1"), previous=first)
+    # The path still resolves to echo, and routing it then says why it cannot be served.
+    assert second.resolve(service=None, method="/demo.Echo/Say") == "echo"
+    with pytest.raises(NoLiveInstance):
+        second.ring("echo")
+
+
+def test_draining_instances_still_declare_their_services() -> None:
+    routing = table(rec("echo", "e1", state=DRAINING, grpc_services=ECHO_SVC))
+    assert routing.resolve(service=None, method="/demo.Echo/Say") == "echo"
+
+
+def test_build_does_not_mutate_the_previous_table() -> None:
+    first = table(rec("echo", "e1", grpc_services=ECHO_SVC, unary_methods=("/demo.Echo/Say",)))
+    snapshot = (dict(first.rings), first.known, dict(first.declared_by), first.unary_methods)
+    table(
+        rec("billing", "b1", grpc_services=(ECHO,), unary_methods=("/pay.Billing/Charge",)),
+        previous=first,
+    )
+    assert (dict(first.rings), first.known, dict(first.declared_by), first.unary_methods) == (
+        snapshot
+    )
