@@ -1,11 +1,13 @@
-"""The admin port: a tiny HTTP endpoint for probes (``/healthz``, ``/ready``)."""
+"""The admin port: a tiny HTTP endpoint for probes (``/healthz``, ``/ready``) and ``/stats``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -15,10 +17,18 @@ _REASONS = {200: "OK", 404: "Not Found", 405: "Method Not Allowed", 503: "Servic
 class AdminServer:
     """Answers ``GET /healthz`` (the process is up) and ``GET /ready`` (registered, serving)."""
 
-    def __init__(self, host: str, port: int, *, ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        ready: Callable[[], bool],
+        stats: Callable[[], dict[str, Any]],
+    ) -> None:
         self._host = host
         self._port = port
         self._ready = ready
+        self._stats = stats
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -38,8 +48,9 @@ class AdminServer:
             while (await asyncio.wait_for(reader.readline(), 5.0)) not in (b"\r\n", b"\n", b""):
                 pass
             status, body = self._answer(line.decode("latin-1").split())
+            content_type = "application/json" if body.startswith(b"{") else "text/plain"
             writer.write(
-                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: text/plain\r\n"
+                f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
                 + body
             )
@@ -59,6 +70,8 @@ class AdminServer:
             return 405, b"only GET\n"
         if path == "/healthz":
             return 200, b"ok\n"
+        if path == "/stats":
+            return 200, json.dumps(self._stats(), sort_keys=True).encode() + b"\n"
         if path == "/ready":
             return (200, b"ready\n") if self._ready() else (503, b"not ready\n")
         return 404, b"not found\n"

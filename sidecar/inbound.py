@@ -2,37 +2,51 @@
 
 from __future__ import annotations
 
-import grpc
+from collections.abc import Callable
 
-from sidecar.proxy import Metadata
+from sidecar.proxy import Metadata, Target
+from sidecar.retry import NOT_PROCESSED_HEADER, Outcome
 
-NOT_PROCESSED_HEADER = "ringmesh-not-processed"
 _NOT_PROCESSED: Metadata = ((NOT_PROCESSED_HEADER, "1"),)
-# What gRPC core says when no connection to the app could be made: the call
-# never reached the app, so the caller may safely send it elsewhere.
-_CONNECT_FAILURES = ("failed to connect to all addresses", "Failed to connect to remote host")
 
 
-def never_reached_app(error: grpc.aio.AioRpcError) -> bool:
-    if error.code() != grpc.StatusCode.UNAVAILABLE:
-        return False
-    details = error.details() or ""
-    return any(marker in details for marker in _CONNECT_FAILURES)
+class _AppPlan:
+    __slots__ = ("_target", "idempotent", "service")
+
+    def __init__(self, target: Target | None) -> None:
+        self._target = target
+        self.idempotent = False
+        self.service = "the app"
+
+    def next(self) -> Target | None:
+        target, self._target = self._target, None
+        return target
 
 
 class InboundDirector:
-    """Sends every call to the app and counts what is in flight."""
+    """Sends every call to the app, counts what is in flight, and tells callers when a
+    call never reached the app (so they may safely retry it elsewhere)."""
 
-    def __init__(self, app_address: str) -> None:
-        self.app_address = app_address
+    def __init__(
+        self, app_address: str, *, on_app_state: Callable[[bool], None] = lambda _up: None
+    ) -> None:
+        self.app = Target(app_address)
         self.inflight = 0
+        self.app_up = True
+        self._on_app_state = on_app_state
 
-    def direct(self, method: str, metadata: Metadata) -> tuple[str, object]:
+    def plan(self, method: str, metadata: Metadata) -> _AppPlan:
+        return _AppPlan(self.app)
+
+    def started(self, target: Target) -> None:
         self.inflight += 1
-        return self.app_address, None
 
-    def done(self, token: object) -> None:
+    def finished(self, target: Target, outcome: Outcome | None) -> None:
         self.inflight -= 1
+        up = outcome is not Outcome.NEVER_SENT
+        if up != self.app_up:
+            self.app_up = up
+            self._on_app_state(up)
 
-    def failed(self, error: grpc.aio.AioRpcError, token: object) -> Metadata:
-        return _NOT_PROCESSED if never_reached_app(error) else ()
+    def failure_metadata(self, outcome: Outcome) -> Metadata:
+        return _NOT_PROCESSED if outcome is Outcome.NEVER_SENT else ()

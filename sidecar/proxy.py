@@ -2,18 +2,26 @@
 
 Nothing is (de)serialized. Everything that can be built once is: method
 handlers, channels, and multicallables are cached; per call the proxy reads
-the metadata once, asks its ``Director`` where to go, and forwards.
-Known-unary methods take the cheaper unary-unary path; every other method is
-handled as stream-stream, which fits all four kinds.
+the metadata once, asks its ``Director`` for a plan, and forwards, retrying
+on the plan's next target when the retry rules allow it. Known-unary methods
+take the cheaper unary-unary path; every other method is handled as
+stream-stream, which fits all four kinds.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator, Callable, Collection
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import grpc
+
+from sidecar.replay import RequestReplay
+from sidecar.retry import ATTEMPTS_HEADER, Outcome, RetryBudget, RetryPolicy, classify
+from sidecar.stats import DataPlaneStats
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +30,7 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 # Headers the upstream call sets itself.
 _NOT_FORWARDED = frozenset({"user-agent"})
 _MAX_CACHED_METHODS = 4096
+_MAX_CONNECT_WAIT = 1.0  # a peer that has not connected within this is a connect failure
 _CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),  # ringmesh decides about retries, not the channel
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -37,6 +46,8 @@ SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
+_READY = grpc.ChannelConnectivity.READY
+_CONNECTING = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
 
 
 class CallRejected(Exception):
@@ -48,16 +59,35 @@ class CallRejected(Exception):
         self.details = details
 
 
+@dataclass(frozen=True, slots=True)
+class Target:
+    address: str
+    peer_id: str = ""  # unique within its service
+    service: str = ""
+
+
+class Plan(Protocol):
+    """The targets of one call, in the order to try them."""
+
+    idempotent: bool
+    service: str  # what the call is for, in error messages: "service 'x'", "the app"
+
+    def next(self) -> Target | None: ...
+
+
 class Director(Protocol):
-    """Decides where one call goes; ``done`` is called exactly once per accepted call."""
+    """Decides where a call goes and learns how each attempt went."""
 
-    def direct(self, method: str, metadata: Metadata) -> tuple[str, object]:
-        """Return (upstream address, a token for ``done``) or raise CallRejected."""
+    def plan(self, method: str, metadata: Metadata) -> Plan:
+        """The call's plan, or raise CallRejected."""
 
-    def done(self, token: object) -> None: ...
+    def started(self, target: Target) -> None: ...
 
-    def failed(self, error: grpc.aio.AioRpcError, token: object) -> Metadata:
-        """Extra trailing metadata for a failed upstream call."""
+    def finished(self, target: Target, outcome: Outcome | None) -> None:
+        """``outcome`` is None when the attempt succeeded."""
+
+    def failure_metadata(self, outcome: Outcome) -> Metadata:
+        """Extra trailing metadata for a call that failed with ``outcome``."""
 
 
 class ChannelPool:
@@ -92,6 +122,31 @@ class ChannelPool:
             self._stream[key] = call
         return call
 
+    async def ensure_connected(self, address: str, wait: float) -> bool:
+        """True once the channel is READY; False if it is not within ``wait`` seconds.
+
+        gRPC would otherwise hold a call to a peer that accepts TCP but never
+        speaks HTTP/2 until the caller's deadline, leaving no time to fail over.
+        """
+        channel = self.channel(address)
+        state = channel.get_state(try_to_connect=True)
+        if state is _READY:
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        # TRANSIENT_FAILURE: the last connect failed (refused, unreachable); fail
+        # fast so the call moves on. IDLE/CONNECTING: wait, but not forever.
+        while state in _CONNECTING:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(channel.wait_for_state_change(state), left)
+            except TimeoutError:
+                return False
+            state = channel.get_state(try_to_connect=True)
+        return state is _READY
+
     async def retain(self, addresses: Collection[str]) -> None:
         """Close channels to addresses that are gone from the topology."""
         for address in [a for a in self._channels if a not in addresses]:
@@ -112,6 +167,98 @@ def split_metadata(metadata: Any) -> Metadata:
     return tuple((m[0], m[1]) for m in metadata if m[0] not in _NOT_FORWARDED)
 
 
+class _NeverSent(Exception):
+    """The peer's channel did not connect in time: nothing was sent."""
+
+
+class Attempts:
+    """One call's retry state: attempts made, deadline, budget, backoff."""
+
+    __slots__ = (
+        "_budget",
+        "_deadline",
+        "_held",
+        "_loop",
+        "_policy",
+        "_rng",
+        "_stats",
+        "count",
+        "plan",
+        "target",
+    )
+
+    def __init__(
+        self,
+        plan: Plan,
+        policy: RetryPolicy | None,
+        budget: RetryBudget | None,
+        stats: DataPlaneStats,
+        rng: random.Random,
+        remaining: float | None,
+    ) -> None:
+        self.plan = plan
+        self._policy = policy
+        self._budget = budget
+        self._stats = stats
+        self._rng = rng
+        self._loop = asyncio.get_running_loop()
+        self._deadline = None if remaining is None else self._loop.time() + remaining
+        self._held = 0
+        self.count = 0
+        self.target: Target | None = None
+
+    def first(self) -> Target | None:
+        self.target = self.plan.next()
+        if self.target is not None:
+            self.count = 1
+        return self.target
+
+    def timeout(self) -> float | None:
+        if self._deadline is None:
+            return None
+        return max(0.0, self._deadline - self._loop.time())
+
+    def connect_wait(self) -> float:
+        left = self.timeout()
+        return _MAX_CONNECT_WAIT if left is None else min(_MAX_CONNECT_WAIT, left / 2)
+
+    async def retry(self, outcome: Outcome) -> Target | None:
+        """The next target after a failed attempt, after its backoff; None to give up."""
+        policy, budget = self._policy, self._budget
+        if policy is None or budget is None or self.count >= policy.max_attempts:
+            return None
+        if not policy.may_retry(outcome, idempotent=self.plan.idempotent):
+            return None
+        previous = self.target
+        target = self.plan.next()
+        if target is None:
+            return None
+        if not budget.try_acquire():
+            self._stats.retry_budget_exhausted += 1
+            return None
+        self._held += 1
+        delay = policy.backoff(
+            self.count + 1,
+            self._rng,
+            new_instance=previous is None or target.peer_id != previous.peer_id,
+        )
+        if self._deadline is not None and self._loop.time() + delay >= self._deadline:
+            return None
+        if delay:
+            await asyncio.sleep(delay)
+        self._stats.retries[outcome.value] += 1
+        self.count += 1
+        self.target = target
+        return target
+
+    def release(self) -> None:
+        if self._budget is not None:
+            self._budget.active -= 1
+            for _ in range(self._held):
+                self._budget.release()
+        self._stats.attempts += self.count
+
+
 class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     """A generic handler forwarding every method through a ChannelPool."""
 
@@ -121,10 +268,17 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         pool: ChannelPool,
         *,
         unary_methods: Callable[[], Collection[str]] = frozenset,
+        retry: RetryPolicy | None = None,
+        stats: DataPlaneStats | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         self._director = director
         self._pool = pool
         self._unary_methods = unary_methods
+        self._retry = retry
+        self._budget = RetryBudget(retry) if retry is not None else None
+        self.stats = stats or DataPlaneStats()
+        self._rng = rng or random.Random()
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -145,62 +299,163 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             return grpc.unary_unary_rpc_method_handler(self._unary_forwarder(method))
         return grpc.stream_stream_rpc_method_handler(self._stream_forwarder(method))
 
+    async def _begin(
+        self, method: str, context: grpc.aio.ServicerContext
+    ) -> tuple[Attempts, Metadata]:
+        metadata = split_metadata(context.invocation_metadata())
+        self.stats.calls += 1
+        try:
+            plan = self._director.plan(method, metadata)
+        except CallRejected as exc:
+            self.stats.failed_calls += 1
+            await context.abort(exc.code, exc.details)
+        if self._budget is not None:
+            self._budget.active += 1
+        attempts = Attempts(
+            plan, self._retry, self._budget, self.stats, self._rng, context.time_remaining()
+        )
+        return attempts, metadata
+
+    async def _fail(
+        self,
+        context: grpc.aio.ServicerContext,
+        attempts: Attempts,
+        error: grpc.aio.AioRpcError | None,
+        outcome: Outcome,
+    ) -> None:
+        self.stats.failed_calls += 1
+        upstream = _forwardable(error.trailing_metadata()) if error is not None else ()
+        trailing = upstream + self._director.failure_metadata(outcome) + self._attempts_md(attempts)
+        if outcome in (Outcome.NEVER_SENT, Outcome.NOT_PROCESSED):
+            # The mesh could not deliver the call: say so, naming the service.
+            last = error.details() if error is not None else "connect timed out"
+            code = grpc.StatusCode.UNAVAILABLE
+            details = f"no instance of {attempts.plan.service} could take the call after {attempts.count} attempt(s): {last}"
+        else:
+            assert error is not None
+            code, details = error.code(), error.details() or ""
+        await context.abort(code, details, trailing)
+
+    def _attempts_md(self, attempts: Attempts) -> Metadata:
+        if self._retry is None:
+            return ()
+        return ((ATTEMPTS_HEADER, str(attempts.count)),)
+
+    def _set_trailing(
+        self, context: grpc.aio.ServicerContext, upstream: Any, attempts: Attempts
+    ) -> None:
+        trailing = (_forwardable(upstream) if upstream else ()) + self._attempts_md(attempts)
+        if trailing:
+            context.set_trailing_metadata(trailing)
+
     def _unary_forwarder(self, method: str) -> Callable[..., Any]:
         director, pool = self._director, self._pool
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            metadata = split_metadata(context.invocation_metadata())
+            attempts, metadata = await self._begin(method, context)
             try:
-                address, token = director.direct(method, metadata)
-            except CallRejected as exc:
-                await context.abort(exc.code, exc.details)
-            try:
-                call = pool.unary(address, method)(
-                    request, timeout=context.time_remaining(), metadata=metadata
-                )
-                response: bytes = await call
-                trailing = await call.trailing_metadata()
-                if trailing:
-                    context.set_trailing_metadata(trailing)
-                return response
-            except grpc.aio.AioRpcError as exc:
-                extra = director.failed(exc, token)
-                await context.abort(exc.code(), exc.details() or "", _trailing(exc, extra))
+                target = attempts.first()
+                error: grpc.aio.AioRpcError | None = None
+                outcome = Outcome.NEVER_SENT
+                while target is not None:
+                    director.started(target)
+                    try:
+                        if not await pool.ensure_connected(target.address, attempts.connect_wait()):
+                            raise _NeverSent
+                        call = pool.unary(target.address, method)(
+                            request, timeout=attempts.timeout(), metadata=metadata
+                        )
+                        response: bytes = await call
+                    except grpc.aio.AioRpcError as exc:
+                        error, outcome = (
+                            exc,
+                            classify(
+                                exc.code(), exc.details() or "", exc.trailing_metadata() or ()
+                            ),
+                        )
+                    except _NeverSent:
+                        error, outcome = None, Outcome.NEVER_SENT
+                    else:
+                        director.finished(target, None)
+                        trailing = await call.trailing_metadata()
+                        self._set_trailing(context, trailing, attempts)
+                        return response
+                    director.finished(target, outcome)
+                    target = await attempts.retry(outcome)
+                await self._fail(context, attempts, error, outcome)
+                raise AssertionError("unreachable")
             finally:
-                director.done(token)
-            raise AssertionError("unreachable")
+                attempts.release()
 
         return forward
 
     def _stream_forwarder(self, method: str) -> Callable[..., Any]:
         director, pool = self._director, self._pool
+        limit = self._retry.stream_buffer_bytes if self._retry is not None else 0
 
         async def forward(
             request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
-            metadata = split_metadata(context.invocation_metadata())
+            attempts, metadata = await self._begin(method, context)
+            replay = RequestReplay(request_iterator, limit=limit)
             try:
-                address, token = director.direct(method, metadata)
-            except CallRejected as exc:
-                await context.abort(exc.code, exc.details)
-            try:
-                call = pool.stream(address, method)(
-                    request_iterator, timeout=context.time_remaining(), metadata=metadata
-                )
-                async for response in call:
-                    yield response
-                trailing = await call.trailing_metadata()
-                if trailing:
-                    context.set_trailing_metadata(trailing)
-            except grpc.aio.AioRpcError as exc:
-                extra = director.failed(exc, token)
-                await context.abort(exc.code(), exc.details() or "", _trailing(exc, extra))
+                target = attempts.first()
+                error: grpc.aio.AioRpcError | None = None
+                outcome = Outcome.NEVER_SENT
+                while target is not None:
+                    director.started(target)
+                    committed = False
+                    try:
+                        if not await pool.ensure_connected(target.address, attempts.connect_wait()):
+                            raise _NeverSent
+                        call = pool.stream(target.address, method)(
+                            replay.attempt(), timeout=attempts.timeout(), metadata=metadata
+                        )
+                        async for response in call:
+                            if not committed:
+                                replay.commit()
+                                committed = True
+                            yield response
+                    except grpc.aio.AioRpcError as exc:
+                        error, outcome = (
+                            exc,
+                            classify(
+                                exc.code(), exc.details() or "", exc.trailing_metadata() or ()
+                            ),
+                        )
+                        if (
+                            outcome is Outcome.FINAL
+                            and _aborted_while_sending(exc)
+                            and not committed
+                        ):
+                            outcome = Outcome.NEVER_SENT
+                    except _NeverSent:
+                        error, outcome = None, Outcome.NEVER_SENT
+                    else:
+                        director.finished(target, None)
+                        self._set_trailing(context, await call.trailing_metadata(), attempts)
+                        return
+                    director.finished(target, outcome)
+                    if committed or not replay.replayable:
+                        break
+                    target = await attempts.retry(outcome)
+                await self._fail(context, attempts, error, outcome)
             finally:
-                director.done(token)
+                replay.close()
+                attempts.release()
 
         return forward
 
 
-def _trailing(exc: grpc.aio.AioRpcError, extra: Metadata) -> Metadata:
-    upstream = exc.trailing_metadata() or ()
-    return tuple((m[0], m[1]) for m in upstream) + extra
+def _aborted_while_sending(error: grpc.aio.AioRpcError) -> bool:
+    # FIELD-NOTES.md: a stream-stream proxy sees INTERNAL "Internal error from
+    # Core" when the upstream aborts while the request is still being written;
+    # such a failed send never reached the app.
+    return error.code() == grpc.StatusCode.INTERNAL and "Internal error from Core" in (
+        error.details() or ""
+    )
+
+
+def _forwardable(upstream: Any) -> Metadata:
+    # A downstream hop's attempt count is not ours to report.
+    return tuple((m[0], m[1]) for m in (upstream or ()) if m[0] != ATTEMPTS_HEADER)

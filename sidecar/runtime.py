@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -18,19 +19,25 @@ from registry.errors import ConfigError
 from registry.etcd import EtcdClient
 from registry.keys import KeyLayout
 from registry.lease import LeaseKeeper
-from registry.records import InstanceRecord
+from registry.records import DRAINING, InstanceRecord
 from registry.topology import Topology, TopologyWatch
 from sidecar.admin import AdminServer
 from sidecar.config import SidecarConfig, join_hostport, split_hostport
 from sidecar.discovery import AppSurface, discover, wait_reachable
+from sidecar.ejection import Ejector
 from sidecar.inbound import InboundDirector
 from sidecar.outbound import OutboundDirector
 from sidecar.proxy import SERVER_OPTIONS, ChannelPool, ProxyHandler
+from sidecar.retry import RetryPolicy
 from sidecar.routing import RoutingTable
+from sidecar.stats import DataPlaneStats
 
 log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
+_DRAIN_SETTLE = 0.3  # seconds for peers' watches to see "draining"
+_PROBE_INTERVAL = 1.0
+_PROBE_TIMEOUT = 1.0
 
 
 def announce(event: str, **fields: Any) -> None:
@@ -48,13 +55,21 @@ class Sidecar:
         self.config = config
         self._clock = clock
         self.layout = KeyLayout(config.prefix)
-        self.outbound = OutboundDirector()
-        self.inbound = InboundDirector(config.app)
+        self.stats = DataPlaneStats()
+        self.retry = RetryPolicy(idempotent=config.idempotent)
+        self.outbound = OutboundDirector(
+            retry=self.retry, new_ejector=lambda: Ejector(clock=clock), stats=self.stats
+        )
+        self.inbound = InboundDirector(config.app, on_app_state=self._app_state_changed)
         self._surface = AppSurface()
         self._out_pool = ChannelPool()
         self._in_pool = ChannelPool()
         self._out_handler = ProxyHandler(
-            self.outbound, self._out_pool, unary_methods=lambda: self.outbound.table.unary_methods
+            self.outbound,
+            self._out_pool,
+            unary_methods=lambda: self.outbound.table.unary_methods,
+            retry=self.retry,
+            stats=self.stats,
         )
         self._in_handler = ProxyHandler(
             self.inbound, self._in_pool, unary_methods=lambda: self._surface.unary_methods
@@ -64,6 +79,19 @@ class Sidecar:
         self._rebuild_scheduled = False
         self._background: set[asyncio.Task[None]] = set()
         self.registered = False
+        self._record: InstanceRecord | None = None
+
+    def _app_state_changed(self, up: bool) -> None:
+        """The app stopped (or started) answering: peers' health probes should see it."""
+        if not self.registered:
+            return
+        log.warning("app at %s is %s", self.config.app, "reachable again" if up else "unreachable")
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if up
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        self._spawn(self._health.set("", status))
 
     # -- routing state: rebuilt off the hot path, swapped whole -------------------
 
@@ -79,7 +107,7 @@ class Sidecar:
             return
         old = self.outbound.table
         table = RoutingTable.build(self._latest, previous=old)
-        self.outbound.table = table
+        self.outbound.set_table(table)
         if table.unary_methods != old.unary_methods:
             self._out_handler.forget_handlers()
         addresses = {p.address for ring in table.rings.values() for p in ring.peers.values()}
@@ -119,7 +147,9 @@ class Sidecar:
             config.outbound, self._out_handler, with_health=False
         )
         admin_host, admin_port = split_hostport(config.admin, what="--admin address")
-        admin = AdminServer(admin_host, admin_port, ready=lambda: self.registered)
+        admin = AdminServer(
+            admin_host, admin_port, ready=lambda: self.registered, stats=self.snapshot
+        )
         try:
             await admin.start()
         except OSError as exc:
@@ -141,6 +171,7 @@ class Sidecar:
             keeper = LeaseKeeper(etcd, ttl=config.ttl, clock=self._clock)
             tasks = [
                 asyncio.create_task(watch.run(), name="topology-watch"),
+                asyncio.create_task(self._probe_ejected(), name="probe-ejected"),
                 asyncio.create_task(
                     self._register(keeper, instance_id, address, ports), name="register"
                 ),
@@ -168,7 +199,7 @@ class Sidecar:
         await wait_reachable(config.app)
         self._surface = await discover(config.app)
         self._in_handler.forget_handlers()
-        record = InstanceRecord(
+        self._record = InstanceRecord(
             id=instance_id,
             service=config.service,
             address=address,
@@ -179,7 +210,7 @@ class Sidecar:
             version=VERSION,
             started_at=time.time(),
         )
-        await keeper.put(self.layout.instance(config.service, instance_id), record.to_json())
+        await keeper.put(self._record_key, self._record.to_json())
         run = asyncio.create_task(keeper.run(), name="lease-keeper")
         try:
             await keeper.granted.wait()
@@ -193,12 +224,74 @@ class Sidecar:
                 await run
             self.registered = False
 
+    @property
+    def _record_key(self) -> str:
+        assert self._record is not None
+        return self.layout.instance(self._record.service, self._record.id)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``/stats`` serves: the data plane's counters and what it is doing now."""
+        return {
+            **self.stats.snapshot(),
+            "inflight": {
+                "inbound": self.inbound.inflight,
+                "outbound": self.inflight() - self.inbound.inflight,
+            },
+            "ejected": {
+                service: sorted(self.outbound.ejector(service).ejected())
+                for service in self.outbound.table.rings
+            },
+            "registered": self.registered,
+            "topology_revision": self.outbound.table.revision,
+        }
+
+    def inflight(self) -> int:
+        """Calls in flight through this sidecar, both directions."""
+        return self.inbound.inflight + sum(
+            sum(loads.values()) for loads in self.outbound.inflight.values()
+        )
+
     async def _shutdown(
         self, keeper: LeaseKeeper, inbound: grpc.aio.Server, outbound: grpc.aio.Server
     ) -> None:
-        """SIGTERM: deregister at once, finish what is in flight, stop."""
-        log.info("shutting down: deregistering, then finishing in-flight calls")
-        await self._health.enter_graceful_shutdown()
-        await keeper.revoke()
+        """Drain: mark draining, serve in-flight and late calls, deregister, stop."""
         grace = self.config.drain_grace
-        await asyncio.gather(inbound.stop(grace), outbound.stop(grace))
+        deadline = self._clock() + grace
+        if self._record is not None and keeper.lease_id is not None:
+            log.info("draining: peers stop choosing this instance for new calls")
+            await keeper.put(self._record_key, replace(self._record, state=DRAINING).to_json())
+        await self._health.enter_graceful_shutdown()
+        # Peers learn of the drain through their watch within milliseconds;
+        # calls they sent before that still arrive and are served.
+        await asyncio.sleep(min(_DRAIN_SETTLE, grace))
+        while self.inflight() > 0 and self._clock() < deadline:  # noqa: ASYNC110 - counters, no event to wait on
+            await asyncio.sleep(0.02)
+        if self.inflight() > 0:
+            log.warning(
+                "drain grace of %ss ran out with %d call(s) in flight", grace, self.inflight()
+            )
+        await keeper.revoke()
+        await asyncio.gather(inbound.stop(1.0), outbound.stop(1.0))
+
+    async def _probe_ejected(self) -> None:
+        """Health-probe ejected peers every second; a passing probe brings one back."""
+        while True:
+            await asyncio.sleep(_PROBE_INTERVAL)
+            table = self.outbound.table
+            for service, ring in table.rings.items():
+                ejector = self.outbound.ejector(service)
+                for peer_id in ejector.ejected():
+                    peer = ring.peers.get(peer_id)
+                    if peer is not None and await self._probe(peer.address):
+                        log.info(
+                            "%s/%s passed its health probe: back in rotation", service, peer_id
+                        )
+                        ejector.probe_passed(peer_id)
+
+    async def _probe(self, address: str) -> bool:
+        stub = health_pb2_grpc.HealthStub(self._out_pool.channel(address))
+        try:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=_PROBE_TIMEOUT)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)

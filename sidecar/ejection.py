@@ -1,0 +1,103 @@
+"""Outlier ejection (pure, clock-injected): which peers to skip for new attempts.
+
+A connect failure ejects a peer at once; 5 consecutive failures eject it for
+30 s x its ejection count (at most 300 s). It returns early when a health
+probe passes. If more than half the peers are ejected, ejections are
+ignored (panic mode): better to try a suspect peer than to fail for sure.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+@dataclass
+class _PeerHealth:
+    consecutive_failures: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+
+
+class Ejector:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        consecutive: int = 5,
+        base_seconds: float = 30.0,
+        cap_seconds: float = 300.0,
+    ) -> None:
+        self._clock = clock
+        self._consecutive = consecutive
+        self._base = base_seconds
+        self._cap = cap_seconds
+        self._peers: dict[str, _PeerHealth] = {}
+        self.ejection_count = 0  # total ejections, for telemetry
+
+    def _eject(self, peer: _PeerHealth) -> None:
+        peer.ejections += 1
+        peer.consecutive_failures = 0
+        peer.ejected_until = self._clock() + min(self._cap, self._base * peer.ejections)
+        self.ejection_count += 1
+
+    def connect_failed(self, peer_id: str) -> bool:
+        """The peer refused or could not be reached: eject it now. True if newly ejected."""
+        peer = self._peers.setdefault(peer_id, _PeerHealth())
+        if self.is_ejected(peer_id):
+            return False
+        self._eject(peer)
+        return True
+
+    def failed(self, peer_id: str) -> bool:
+        """A failed call; the ``consecutive``-th in a row ejects. True if newly ejected."""
+        peer = self._peers.setdefault(peer_id, _PeerHealth())
+        peer.consecutive_failures += 1
+        if peer.consecutive_failures >= self._consecutive and not self.is_ejected(peer_id):
+            self._eject(peer)
+            return True
+        return False
+
+    def succeeded(self, peer_id: str) -> None:
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.consecutive_failures = 0
+
+    def probe_passed(self, peer_id: str) -> None:
+        """A passing health probe brings an ejected peer back early."""
+        peer = self._peers.get(peer_id)
+        if peer is not None:
+            peer.ejected_until = 0.0
+            peer.consecutive_failures = 0
+
+    def has_ejections(self) -> bool:
+        """Is any peer ejected now? (Cheap when no peer ever failed.)"""
+        if not self._peers:
+            return False
+        now = self._clock()
+        return any(p.ejected_until > now for p in self._peers.values())
+
+    def is_ejected(self, peer_id: str) -> bool:
+        peer = self._peers.get(peer_id)
+        return peer is not None and peer.ejected_until > self._clock()
+
+    def ejected(self) -> list[str]:
+        now = self._clock()
+        return [pid for pid, p in self._peers.items() if p.ejected_until > now]
+
+    def usable(self, peers: Sequence[T], peer_id: Callable[[T], str]) -> list[T]:
+        """``peers`` without the ejected ones, in order; all of them in panic mode."""
+        if not self._peers:
+            return list(peers)
+        kept = [p for p in peers if not self.is_ejected(peer_id(p))]
+        if len(peers) - len(kept) > len(peers) / 2:
+            return list(peers)  # panic mode
+        return kept
+
+    def forget(self, keep: set[str]) -> None:
+        """Drop state of peers that left the topology."""
+        self._peers = {k: v for k, v in self._peers.items() if k in keep}

@@ -1,0 +1,228 @@
+"""Failover that loses nothing: kills, drains, etcd outages and black holes under load."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from proto import demo_pb2
+from registry.etcd import EtcdClient, EtcdConfig
+from registry.records import InstanceRecord
+from sidecar.routing import RoutingTable
+from tests.load import Load
+from tests.mesh import Instance, Mesh
+
+pytestmark = pytest.mark.integration
+
+
+def stats(instance: Instance) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{instance.info['admin']}/stats", timeout=5) as response:
+        doc: dict[str, Any] = json.loads(response.read())
+        return doc
+
+
+def three_and_a_client(mesh: Mesh, *extra: str) -> tuple[list[Instance], Instance]:
+    echoes = [mesh.add("echo", None, *extra) for _ in range(3)]
+    return echoes, mesh.add("client")
+
+
+def victim_with_keys(mesh: Mesh, echoes: list[Instance], keys: int = 200) -> Instance:
+    """The echo instance owning the most of the load's keys (so the kill matters)."""
+    table = RoutingTable.build(mesh.topology())
+    owned = {e.name: 0 for e in echoes}
+    for i in range(keys):
+        owned[table.route("echo", f"key-{i}")[0].id] += 1
+    name = max(owned, key=lambda n: owned[n])
+    return next(e for e in echoes if e.name == name)
+
+
+def run_with(load: Load, action: Any, before: float = 1.0, after: float = 2.5) -> float:
+    """Run ``action`` under load; returns the moment it had taken effect."""
+    with load:
+        time.sleep(before)
+        action()
+        moment = time.monotonic()
+        time.sleep(after)
+    return moment
+
+
+def assert_busy(load: Load, moment: float, victim: Instance) -> None:
+    """The load really ran through the event: the victim served calls before it."""
+    assert len(load.results) > 100
+    assert any(r.ok and r.instance == victim.name and r.ended < moment for r in load.results)
+    assert any(r.started > moment + 0.5 and r.ok for r in load.results)
+
+
+@pytest.mark.parametrize("what", ["app", "app-and-sidecar"])
+def test_sigkill_loses_no_idempotent_call(mesh: Mesh, what: str) -> None:
+    echoes, client = three_and_a_client(mesh)
+    victim = victim_with_keys(mesh, echoes)
+
+    def kill() -> None:
+        victim.app.kill()
+        if what == "app-and-sidecar":
+            victim.sidecar.kill()
+
+    load = Load(client.outbound, callers=4, idempotent=True)
+    moment = run_with(load, kill)
+    assert load.failures() == []
+    assert_busy(load, moment, victim)
+    assert any(r.attempts > 1 for r in load.results), "some calls must have failed over"
+    retries = stats(client)["retries"]
+    assert sum(retries.values()) > 0
+
+
+@pytest.mark.parametrize("what", ["app", "app-and-sidecar"])
+def test_sigkill_fails_only_non_idempotent_calls_in_flight(mesh: Mesh, what: str) -> None:
+    echoes, client = three_and_a_client(mesh)
+    victim = victim_with_keys(mesh, echoes)
+
+    def kill() -> None:
+        victim.app.kill()
+        if what == "app-and-sidecar":
+            victim.sidecar.kill()
+
+    load = Load(client.outbound, callers=4, idempotent=False, delay_ms=20)
+    moment = run_with(load, kill)
+    assert_busy(load, moment, victim)
+    late = [r for r in load.failures() if r.started > moment]
+    assert late == [], ([(r.code, r.details) for r in late], stats(client))
+    # The ones that may fail were in flight at the victim when it died.
+    assert len(load.failures()) <= 4
+
+
+def test_sigterm_drain_loses_no_call(mesh: Mesh) -> None:
+    echoes, client = three_and_a_client(mesh)
+    victim = victim_with_keys(mesh, echoes)
+
+    def drain() -> None:
+        victim.sidecar.signal(signal.SIGTERM)
+
+    load = Load(client.outbound, callers=4, idempotent=False, delay_ms=20)
+    moment = run_with(load, drain)
+    assert victim.sidecar.proc.wait(timeout=15) == 0
+    assert load.failures() == []
+    assert_busy(load, moment, victim)
+    assert victim.name not in mesh.topology().services["echo"]
+
+
+def test_etcd_outage_loses_no_call_and_heals(own_mesh: Mesh) -> None:
+    mesh = own_mesh
+    echoes, client = three_and_a_client(mesh, "--ttl", "4")
+    dead = echoes[0]
+    # Idempotent: an instance also dies during the outage, with calls in flight on it.
+    with Load(client.outbound, callers=4, idempotent=True) as load:
+        time.sleep(0.5)
+        mesh.etcd.kill()
+        time.sleep(1.0)
+        dead.sidecar.kill()  # dies while etcd is away: its lease must still end
+        dead.app.kill()
+        time.sleep(4.0)
+        mesh.etcd.start()
+        time.sleep(1.0)
+    assert load.failures() == []
+    assert len(load.results) > 100
+    live = {e.name for e in echoes[1:]}
+    deadline = time.monotonic() + 4 + 6  # TTL plus etcd's post-restart lease grace
+    while set(mesh.topology().services.get("echo", {})) != live:
+        assert time.monotonic() < deadline, mesh.topology().services.get("echo")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def black_hole() -> Iterator[socket.socket]:
+    """A peer that accepts TCP connections and never reads a byte."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    yield sock
+    sock.close()
+
+
+def test_a_black_hole_peer_is_failed_over_and_ejected(
+    mesh: Mesh, black_hole: socket.socket
+) -> None:
+    echoes, client = three_and_a_client(mesh)
+    port = black_hole.getsockname()[1]
+    record = InstanceRecord(id="black-hole", service="echo", address=f"127.0.0.1:{port}")
+
+    async def register() -> int:
+        async with EtcdClient(EtcdConfig.from_urls(mesh.etcd.url)) as etcd:
+            lease = await etcd.grant_lease(60)
+            await etcd.put(
+                mesh.layout.instance("echo", "black-hole"), record.to_json(), lease=lease
+            )
+            return lease
+
+    lease = asyncio.run(register())
+    table = RoutingTable.build(mesh.topology())
+    keys = [f"bh-{i}" for i in range(400) if table.route("echo", f"bh-{i}")[0].id == "black-hole"]
+    assert keys
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        for key in keys[:20]:
+            started = time.monotonic()
+            reply = stub.Echo(
+                demo_pb2.EchoRequest(text=key),
+                metadata=(("ringmesh-service", "echo"), ("ringmesh-hash-key", key)),
+                timeout=3,
+            )
+            assert reply.instance in {e.name for e in echoes}
+            assert time.monotonic() - started < 3
+    doc = stats(client)
+    assert "black-hole" in doc["ejected"]["echo"]
+    assert doc["ejections"] >= 1
+
+    async def revoke() -> None:
+        async with EtcdClient(EtcdConfig.from_urls(mesh.etcd.url)) as etcd:
+            await etcd.revoke_lease(lease)
+
+    asyncio.run(revoke())
+
+
+def test_all_instances_down_fails_fast_within_the_budget(mesh: Mesh) -> None:
+    echoes, client = three_and_a_client(mesh, "--ttl", "30")
+    for echo in echoes:  # registrations stay (long TTL) but nothing answers
+        echo.sidecar.kill()
+        echo.app.kill()
+    load = Load(client.outbound, callers=16, idempotent=True, timeout=5)
+    with load:
+        time.sleep(2.0)
+    failures = load.failures()
+    assert failures and len(failures) == len(load.results)
+    assert all(r.code == "UNAVAILABLE" and "service 'echo'" in r.details for r in failures)
+    assert max(r.ended - r.started for r in failures) < 1.0
+    doc = stats(client)
+    assert doc["retry_budget_exhausted"] > 0
+    assert doc["attempts"] <= 3 * doc["calls"]
+    retried = sum(doc["retries"].values())
+    assert retried < 2 * doc["calls"], "the budget must keep retries well under max attempts"
+
+
+def test_not_processed_calls_are_retried_even_when_not_idempotent(mesh: Mesh) -> None:
+    echoes, client = three_and_a_client(mesh)
+    victim = victim_with_keys(mesh, echoes)
+    victim.app.kill()  # its sidecar answers ringmesh-not-processed
+    table = RoutingTable.build(mesh.topology())
+    key = next(
+        f"key-{i}" for i in range(200) if table.route("echo", f"key-{i}")[0].id == victim.name
+    )
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        reply, call = stub.Echo.with_call(
+            demo_pb2.EchoRequest(text="x"),
+            metadata=(("ringmesh-service", "echo"), ("ringmesh-hash-key", key)),
+            timeout=5,
+        )
+        assert reply.instance == table.route("echo", key)[1].id, (
+            "failover goes to the next ring instance"
+        )
+        assert ("ringmesh-attempts", "2") in tuple(call.trailing_metadata())
