@@ -170,6 +170,12 @@ class _AetcdClient(aetcd.Client):  # type: ignore[misc]
             self._is_connecting = True
             target = config.grpc_target()
             options = list(self._options.items())
+            if config.tls and len(config.endpoints) > 1:
+                # The target "ipv4:a,b" is no host name: check every member's
+                # certificate against the first endpoint's host instead (etcd
+                # member certificates usually name every member).
+                first_host = config.endpoints[0].rpartition(":")[0].strip("[]")
+                options.append(("grpc.ssl_target_name_override", first_host))
             if config.tls:
                 credentials = grpc.ssl_channel_credentials(
                     root_certificates=_read(config.ca_file),
@@ -317,7 +323,9 @@ class EtcdClient:
             cause = exc.__cause__
             if isinstance(cause, aetcd_errors.RevisionCompactedError):
                 raise RevisionCompacted(cause.compacted_revision) from cause
-            raise
+            # A stream that breaks while the watch is being created surfaces
+            # as a generic error; it is a broken connection all the same.
+            raise EtcdUnavailable(f"etcd watch {prefix}*: {exc}") from exc
         try:
             async for event in watch:
                 kv = event.kv

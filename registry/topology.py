@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from registry.errors import EtcdUnavailable, InvalidName, RecordError, RevisionCompacted
+from registry.errors import EtcdError, EtcdUnavailable, InvalidName, RecordError, RevisionCompacted
 from registry.etcd import EtcdClient, KeyValue, WatchEvent
 from registry.keys import KeyLayout
 from registry.lease import Sleep
@@ -129,7 +129,8 @@ class TopologyWatch:
             except RevisionCompacted as exc:
                 log.warning("watch revision %d compacted (%s): re-listing", self.revision + 1, exc)
                 listed = False
-            except EtcdUnavailable as exc:
+            except (EtcdUnavailable, EtcdError) as exc:
+                # Never give up: the last topology stays in force meanwhile.
                 self._note_unreachable(exc)
                 await self._sleep(self._retry_interval)
 
