@@ -12,7 +12,7 @@ same machine noise. CPU per call comes from ``/proc/<pid>/stat`` (utime + stime)
 every process involved. Ring lookups (``BoundedRing.owner``/``choose``) are timed
 in-process. Prints tables and writes ``bench/results/bench_proxy.json``.
 
-Run: ``python bench/bench_proxy.py [--duration 5] [--warmup 1] [--rounds 1]``;
+Run: ``python -m bench.bench_proxy [--duration 5] [--warmup 1] [--rounds 1]``;
 ``--duration 1 --warmup 0.5`` is a quick smoke run.
 """
 
@@ -38,13 +38,13 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from types import FrameType
-from typing import IO, Any
+from typing import Any
 
 import grpc
 
 from proto import demo_pb2, demo_pb2_grpc
 from registry.embedded import EmbeddedEtcd
-from ringmesh.procs import Child, demo_app, sidecar
+from ringmesh.localmesh import Instance, LocalMesh
 from sidecar.ring import DEFAULT_LOAD_FACTOR, DEFAULT_VNODES, BoundedRing, Peer
 
 SERVICE = "echo"
@@ -95,66 +95,12 @@ class CpuSnapshot:
 # -- the mesh ------------------------------------------------------------------------
 
 
-@dataclass
-class Node:
-    name: str
-    app: Child
-    app_port: int
-    sidecar: Child
-    info: dict[str, Any]
-
-    @property
-    def outbound(self) -> str:
-        return str(self.info["outbound"])
-
-
-class BenchMesh:
-    """Demo apps and their sidecars, started through the CLI like tests/mesh.py; always stopped."""
-
-    def __init__(self, etcd_url: str, logs: Path) -> None:
-        self.etcd_url = etcd_url
-        self.logs = logs
-        self.children: list[Child] = []
-        self._files: list[IO[bytes]] = []
-
-    def _log(self, name: str) -> IO[bytes]:
-        f = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed in close()
-        self._files.append(f)
-        return f
-
-    def add(self, service: str, name: str) -> Node:
-        app = demo_app(name, stderr=self._log(f"app-{name}"))
-        self.children.append(app)
-        port = int(app.wait_event("listening")["port"])
-        side = sidecar(
-            service, f"127.0.0.1:{port}", self.etcd_url,
-            "--prefix", PREFIX, "--instance-id", name,
-            name=f"sidecar {name}", stderr=self._log(f"sidecar-{name}"),
-        )  # fmt: skip
-        self.children.append(side)
-        info = side.wait_event("registered")
-        return Node(name, app, port, side, info)
-
-    def close(self) -> None:
-        for child in reversed(self.children):
-            with contextlib.suppress(Exception):
-                child.stop(timeout=10)
-        self.children.clear()
-        for f in self._files:
-            f.close()
-        self._files.clear()
-
-
 @contextlib.contextmanager
-def running_mesh(logs: Path) -> Iterator[tuple[EmbeddedEtcd, list[Node], Node]]:
-    with EmbeddedEtcd() as etcd:
-        mesh = BenchMesh(etcd.url, logs)
-        try:
-            echoes = [mesh.add(SERVICE, f"echo-{i + 1}") for i in range(ECHO_INSTANCES)]
-            client = mesh.add("client", "client-1")
-            yield etcd, echoes, client
-        finally:
-            mesh.close()
+def running_mesh(logs: Path) -> Iterator[tuple[EmbeddedEtcd, list[Instance], Instance]]:
+    with EmbeddedEtcd() as etcd, LocalMesh(etcd.url, prefix=PREFIX, logs=logs) as mesh:
+        echoes = [mesh.add(SERVICE, f"echo-{i + 1}") for i in range(ECHO_INSTANCES)]
+        client = mesh.add("client", "client-1")
+        yield etcd, echoes, client
 
 
 # -- load ------------------------------------------------------------------------------
@@ -242,7 +188,7 @@ async def wait_mesh_ready(stub: Any, metadata: Sequence[Metadata], within: float
 
 
 async def run_load(
-    args: argparse.Namespace, echoes: list[Node], client: Node, pids: dict[str, list[int]]
+    args: argparse.Namespace, echoes: list[Instance], client: Instance, pids: dict[str, list[int]]
 ) -> list[Case]:
     request = demo_pb2.EchoRequest(text="x" * args.payload, delay_ms=0)
     metadata = keyed_metadata(N_KEYS)

@@ -7,7 +7,6 @@ Ctrl-C, SIGTERM, or after ``--for SECONDS``.
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import threading
@@ -18,7 +17,7 @@ import grpc
 
 from proto import demo_pb2, demo_pb2_grpc
 from registry.embedded import EmbeddedEtcd
-from ringmesh.procs import Child, demo_app, sidecar
+from ringmesh.localmesh import LocalMesh
 
 SERVICE = "demo"
 
@@ -51,40 +50,12 @@ def run_up(*, replicas: int, duration: float | None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    children: list[Child] = []
-    with EmbeddedEtcd() as etcd:
+    with EmbeddedEtcd() as etcd, LocalMesh(etcd.url) as mesh:
         try:
             _say(f"etcd at {etcd.url}")
             for i in range(1, replicas + 1):
-                name = f"{SERVICE}-{i}"
-                app = demo_app(name)
-                children.append(app)
-                port = app.wait_event("listening")["port"]
-                side = sidecar(
-                    SERVICE,
-                    f"127.0.0.1:{port}",
-                    etcd.url,
-                    "--instance-id",
-                    name,
-                    name=f"sidecar {name}",
-                )
-                children.append(side)
-            for child in children:
-                if child.name.startswith("sidecar"):
-                    child.wait_event("registered")
-            client_app = demo_app("client-1")
-            children.append(client_app)
-            client_port = client_app.wait_event("listening")["port"]
-            client = sidecar(
-                "client",
-                f"127.0.0.1:{client_port}",
-                etcd.url,
-                "--instance-id",
-                "client-1",
-                name="sidecar client-1",
-            )
-            children.append(client)
-            outbound = client.wait_event("registered")["outbound"]
+                mesh.add(SERVICE, f"{SERVICE}-{i}")
+            outbound = mesh.add("client", "client-1").outbound
             _say(f"{replicas} instance(s) of '{SERVICE}' registered; call them through {outbound}")
             _say(f"  e.g. ringmesh topology --etcd {etcd.url}")
             _say(f"       ringmesh route {SERVICE} user-42 --etcd {etcd.url}")
@@ -94,7 +65,7 @@ def run_up(*, replicas: int, duration: float | None) -> int:
             while not stop.is_set():
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                dead = [c.name for c in children if not c.alive()]
+                dead = [c.name for c in mesh.children if not c.alive()]
                 if dead:
                     _say(f"stopped unexpectedly: {', '.join(dead)}")
                     return 1
@@ -102,9 +73,6 @@ def run_up(*, replicas: int, duration: float | None) -> int:
             return 0
         finally:
             _say("stopping")
-            for child in reversed(children):
-                with contextlib.suppress(Exception):
-                    child.stop()
 
 
 if __name__ == "__main__":
