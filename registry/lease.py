@@ -64,8 +64,8 @@ class LeaseKeeper:
         try:
             await self._client.put(key, value, lease=self._lease_id)
         except (EtcdUnavailable, EtcdError) as exc:
-            self._synced = False
-            log.warning("could not write %s now, will retry: %s", key, exc)
+            self._synced = False  # the refresh loop puts every record again
+            self._note_unreachable(exc)
 
     async def run(self) -> None:
         while not self._revoked:

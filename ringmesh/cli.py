@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
@@ -52,6 +53,13 @@ def build_parser() -> EnvParser:
         default=[],
         metavar="GLOB",
         help="method paths safe to retry, e.g. '/pkg.Svc/*' (repeatable)",
+    )
+    sidecar.option(
+        "--report-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the load/ record is written",
     )
     sidecar.option("--tls-dir", metavar="DIR", help="mesh certificates (mTLS between sidecars)")
     add_etcd_options(sidecar)
@@ -164,6 +172,8 @@ async def _sidecar(args: argparse.Namespace) -> int:
         ttl=args.ttl,
         drain_grace=args.drain_grace,
         idempotent=tuple(args.idempotent),
+        report_interval=args.report_interval,
+        otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

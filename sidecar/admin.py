@@ -1,4 +1,5 @@
-"""The admin port: a tiny HTTP endpoint for probes (``/healthz``, ``/ready``) and ``/stats``."""
+"""The admin port: a tiny HTTP endpoint for probes (``/healthz``, ``/ready``), Prometheus
+``/metrics`` and the data plane's counters as JSON (``/stats``)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,13 @@ class AdminServer:
         *,
         ready: Callable[[], bool],
         stats: Callable[[], dict[str, Any]],
+        metrics: Callable[[], bytes],
     ) -> None:
         self._host = host
         self._port = port
         self._ready = ready
         self._stats = stats
+        self._metrics = metrics
         self._server: asyncio.Server | None = None
         self.port = 0
 
@@ -48,7 +51,9 @@ class AdminServer:
             while (await asyncio.wait_for(reader.readline(), 5.0)) not in (b"\r\n", b"\n", b""):
                 pass
             status, body = self._answer(line.decode("latin-1").split())
-            content_type = "application/json" if body.startswith(b"{") else "text/plain"
+            content_type = (
+                "application/json" if body.startswith(b"{") else "text/plain; version=0.0.4"
+            )
             writer.write(
                 f"HTTP/1.1 {status} {_REASONS[status]}\r\nContent-Type: {content_type}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
@@ -70,6 +75,8 @@ class AdminServer:
             return 405, b"only GET\n"
         if path == "/healthz":
             return 200, b"ok\n"
+        if path == "/metrics":
+            return 200, self._metrics()
         if path == "/stats":
             return 200, json.dumps(self._stats(), sort_keys=True).encode() + b"\n"
         if path == "/ready":

@@ -49,6 +49,8 @@ class SidecarConfig:
     ttl: int = 10
     drain_grace: float = 10.0
     idempotent: tuple[str, ...] = ()
+    report_interval: float = 1.0
+    otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT, read once by the CLI
 
     def __post_init__(self) -> None:
         validate_service(self.service)
@@ -70,6 +72,10 @@ class SidecarConfig:
         validate_weight(self.weight)
         if self.ttl < 2:
             raise ConfigError(f"--ttl must be at least 2 seconds, got {self.ttl}")
+        if not 0.1 <= self.report_interval <= 60:
+            raise ConfigError(
+                f"--report-interval must be 0.1-60 seconds, got {self.report_interval}"
+            )
         if self.drain_grace < 0:
             raise ConfigError(f"--drain-grace must not be negative, got {self.drain_grace}")
 

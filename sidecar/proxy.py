@@ -15,6 +15,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable, Collection
 from dataclasses import dataclass
+from time import perf_counter
 from typing import Any, Protocol
 
 import grpc
@@ -22,6 +23,7 @@ import grpc
 from sidecar.replay import RequestReplay
 from sidecar.retry import ATTEMPTS_HEADER, Outcome, RetryBudget, RetryPolicy, classify
 from sidecar.stats import DataPlaneStats
+from sidecar.telemetry import CallRecorder
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +273,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         retry: RetryPolicy | None = None,
         stats: DataPlaneStats | None = None,
         rng: random.Random | None = None,
+        recorder: CallRecorder | None = None,
     ) -> None:
         self._director = director
         self._pool = pool
@@ -279,6 +282,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._budget = RetryBudget(retry) if retry is not None else None
         self.stats = stats or DataPlaneStats()
         self._rng = rng or random.Random()
+        self.recorder = recorder
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -336,6 +340,11 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             code, details = error.code(), error.details() or ""
         await context.abort(code, details, trailing)
 
+    def _observe(self, method: str, context: grpc.aio.ServicerContext, started: float) -> None:
+        if self.recorder is not None:
+            code = context.code() or grpc.StatusCode.OK
+            self.recorder.record(method, code, (perf_counter() - started) * 1000.0)
+
     def _attempts_md(self, attempts: Attempts) -> Metadata:
         if self._retry is None:
             return ()
@@ -352,8 +361,10 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         director, pool = self._director, self._pool
 
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            attempts, metadata = await self._begin(method, context)
+            started = perf_counter()
+            attempts: Attempts | None = None
             try:
+                attempts, metadata = await self._begin(method, context)
                 target = attempts.first()
                 error: grpc.aio.AioRpcError | None = None
                 outcome = Outcome.NEVER_SENT
@@ -385,7 +396,9 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 await self._fail(context, attempts, error, outcome)
                 raise AssertionError("unreachable")
             finally:
-                attempts.release()
+                if attempts is not None:
+                    attempts.release()
+                self._observe(method, context, started)
 
         return forward
 
@@ -396,9 +409,11 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         async def forward(
             request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
         ) -> AsyncIterator[bytes]:
-            attempts, metadata = await self._begin(method, context)
+            started = perf_counter()
+            attempts: Attempts | None = None
             replay = RequestReplay(request_iterator, limit=limit)
             try:
+                attempts, metadata = await self._begin(method, context)
                 target = attempts.first()
                 error: grpc.aio.AioRpcError | None = None
                 outcome = Outcome.NEVER_SENT
@@ -442,7 +457,9 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 await self._fail(context, attempts, error, outcome)
             finally:
                 replay.close()
-                attempts.release()
+                if attempts is not None:
+                    attempts.release()
+                self._observe(method, context, started)
 
         return forward
 

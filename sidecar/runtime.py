@@ -26,11 +26,14 @@ from sidecar.config import SidecarConfig, join_hostport, split_hostport
 from sidecar.discovery import AppSurface, discover, wait_reachable
 from sidecar.ejection import Ejector
 from sidecar.inbound import InboundDirector
+from sidecar.load import window_load
+from sidecar.otel import TelemetryPipeline, build_pipeline
 from sidecar.outbound import OutboundDirector
 from sidecar.proxy import SERVER_OPTIONS, ChannelPool, ProxyHandler
 from sidecar.retry import RetryPolicy
 from sidecar.routing import RoutingTable
 from sidecar.stats import DataPlaneStats
+from sidecar.telemetry import DataPlaneMetrics
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +149,20 @@ class Sidecar:
         outbound, outbound_port = await self._start_server(
             config.outbound, self._out_handler, with_health=False
         )
+        instance_id = config.instance_id or config.default_instance_id(inbound_port)
+        telemetry = self._start_telemetry(instance_id)
         admin_host, admin_port = split_hostport(config.admin, what="--admin address")
         admin = AdminServer(
-            admin_host, admin_port, ready=lambda: self.registered, stats=self.snapshot
+            admin_host,
+            admin_port,
+            ready=lambda: self.registered,
+            stats=self.snapshot,
+            metrics=telemetry.prometheus_text,
         )
         try:
             await admin.start()
         except OSError as exc:
             raise ConfigError(f"cannot listen on --admin {config.admin}: {exc}") from exc
-        instance_id = config.instance_id or config.default_instance_id(inbound_port)
         address = config.advertised(inbound_port)
         ports = {
             "service": config.service,
@@ -172,6 +180,7 @@ class Sidecar:
             tasks = [
                 asyncio.create_task(watch.run(), name="topology-watch"),
                 asyncio.create_task(self._probe_ejected(), name="probe-ejected"),
+                asyncio.create_task(self._report_load(keeper, telemetry, instance_id), name="load"),
                 asyncio.create_task(
                     self._register(keeper, instance_id, address, ports), name="register"
                 ),
@@ -190,7 +199,38 @@ class Sidecar:
             task.cancel()
         await self._out_pool.aclose()
         await self._in_pool.aclose()
+        telemetry.shutdown()
         announce("stopped", service=config.service, instance_id=instance_id)
+
+    def _start_telemetry(self, instance_id: str) -> TelemetryPipeline:
+        telemetry = build_pipeline(
+            service=self.config.service,
+            instance_id=instance_id,
+            otlp_endpoint=self.config.otlp_endpoint,
+        )
+        meter = telemetry.meter_provider.get_meter("ringmesh.sidecar", VERSION)
+        metrics = DataPlaneMetrics(meter, self.stats, inflight=self._inflight_by_direction)
+        self._in_handler.recorder = metrics.server
+        self._out_handler.recorder = metrics.client
+        return telemetry
+
+    def _inflight_by_direction(self) -> dict[str, int]:
+        inbound = self.inbound.inflight
+        return {"inbound": inbound, "outbound": self.inflight() - inbound}
+
+    async def _report_load(
+        self, keeper: LeaseKeeper, telemetry: TelemetryPipeline, instance_id: str
+    ) -> None:
+        """Every report interval, the load/ record from the same histogram /metrics serves."""
+        key = self.layout.load(self.config.service, instance_id)
+        previous = telemetry.server_totals()
+        while True:
+            await asyncio.sleep(self.config.report_interval)
+            now = telemetry.server_totals()
+            reading = window_load(previous, now, inflight=self.inbound.inflight, wall=time.time())
+            previous = now
+            if self.registered:
+                await keeper.put(key, reading.to_json())
 
     async def _register(
         self, keeper: LeaseKeeper, instance_id: str, address: str, ports: dict[str, Any]
@@ -233,10 +273,7 @@ class Sidecar:
         """What ``/stats`` serves: the data plane's counters and what it is doing now."""
         return {
             **self.stats.snapshot(),
-            "inflight": {
-                "inbound": self.inbound.inflight,
-                "outbound": self.inflight() - self.inbound.inflight,
-            },
+            "inflight": self._inflight_by_direction(),
             "ejected": {
                 service: sorted(self.outbound.ejector(service).ejected())
                 for service in self.outbound.table.rings

@@ -1,0 +1,97 @@
+"""/metrics and the load/ record, after real calls through real sidecars."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+from proto import demo_pb2
+from registry.etcd import EtcdClient, EtcdConfig
+from tests.mesh import Mesh
+
+pytestmark = pytest.mark.integration
+
+
+def scrape(admin: str) -> dict[str, float]:
+    """Prometheus text as {series line without value: value}."""
+    with urllib.request.urlopen(f"http://{admin}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    series = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            series[name] = float(value)
+    return series
+
+
+def total(series: dict[str, float], prefix: str, *labels: str) -> float:
+    return sum(
+        v for k, v in series.items() if k.startswith(prefix) and all(lbl in k for lbl in labels)
+    )
+
+
+def test_metrics_and_load_record_reflect_real_calls(mesh: Mesh) -> None:
+    echo = mesh.add("echo", None, "--report-interval", "0.5")
+    client = mesh.add("client")
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        md = (("ringmesh-service", "echo"), ("ringmesh-hash-key", "k"))
+        for _ in range(40):
+            stub.Echo(demo_pb2.EchoRequest(text="x", delay_ms=5), metadata=md, timeout=5)
+        with pytest.raises(grpc.RpcError):
+            stub.Echo(
+                demo_pb2.EchoRequest(text="x"),
+                metadata=(("ringmesh-service", "nosuch"),),
+                timeout=5,
+            )
+
+    server = scrape(echo.admin)
+    ok = (
+        'rpc_grpc_status_code="0"',
+        'rpc_method="Echo"',
+        'rpc_service="ringmesh.demo.v1.Demo"',
+        'rpc_system="grpc"',
+    )
+    assert total(server, "rpc_server_duration_milliseconds_count", *ok) == 40
+    assert total(server, "rpc_server_duration_milliseconds_sum", *ok) >= 40 * 5
+    assert (
+        total(server, 'rpc_server_duration_milliseconds_bucket{le="2"', *ok) == 0
+    )  # each took >= 5 ms
+    assert "ringmesh_inflight" in "".join(server)
+
+    caller = scrape(client.admin)
+    assert total(caller, "rpc_client_duration_milliseconds_count", 'rpc_grpc_status_code="0"') == 40
+    assert (
+        total(caller, "rpc_client_duration_milliseconds_count", 'rpc_grpc_status_code="12"') == 1
+    )  # UNIMPLEMENTED
+    assert "ringmesh_ejections_total" in "".join(caller)
+    assert "ringmesh_retry_budget_exhausted_total" in "".join(caller)
+
+    async def load_record() -> dict[str, float]:
+        async with EtcdClient(EtcdConfig.from_urls(mesh.etcd.url)) as etcd:
+            deadline = time.monotonic() + 5
+            while True:
+                kv = await etcd.get(mesh.layout.load("echo", echo.name))
+                assert kv is not None and kv.lease != 0, "load/ lives under the instance's lease"
+                doc: dict[str, float] = json.loads(kv.value)
+                if doc["rps"] > 0 or time.monotonic() > deadline:
+                    return doc
+                await asyncio.sleep(0.1)
+
+    # Calls stopped; keep some flowing so a window has them.
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            stub.Echo(demo_pb2.EchoRequest(text="x", delay_ms=5), metadata=md, timeout=5)
+        doc = asyncio.run(load_record())
+    assert set(doc) == {"ts", "window_s", "rps", "inflight", "error_rate", "p50_ms", "p99_ms"}
+    assert doc["rps"] > 10
+    assert 5.0 <= doc["p50_ms"] <= doc["p99_ms"] < 100
+    assert doc["error_rate"] == 0.0
