@@ -226,3 +226,37 @@ def test_not_processed_calls_are_retried_even_when_not_idempotent(mesh: Mesh) ->
             "failover goes to the next ring instance"
         )
         assert ("ringmesh-attempts", "2") in tuple(call.trailing_metadata())
+
+
+@pytest.mark.parametrize("kind", ["client-stream", "server-stream", "bidi"])
+def test_streaming_calls_are_retried_before_their_first_response(mesh: Mesh, kind: str) -> None:
+    echoes, client = three_and_a_client(mesh)
+    victim = victim_with_keys(mesh, echoes)
+    victim.app.kill()  # its sidecar answers ringmesh-not-processed
+    table = RoutingTable.build(mesh.topology())
+    key = next(
+        f"key-{i}" for i in range(200) if table.route("echo", f"key-{i}")[0].id == victim.name
+    )
+    fallback = table.route("echo", key)[1].id
+    md = (("ringmesh-service", "echo"), ("ringmesh-hash-key", key))
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        if kind == "client-stream":
+            # Every buffered request message reaches the next instance.
+            requests = (demo_pb2.CountRequest(n=i, payload=b"p" * 1000) for i in range(1, 11))
+            total, call = stub.Sum.with_call(requests, metadata=md, timeout=5)
+            assert (total.total, total.messages, total.instance) == (55, 10, fallback)
+            trailing = call.trailing_metadata()
+        elif kind == "server-stream":
+            replies = stub.Count(demo_pb2.CountRequest(n=5), metadata=md, timeout=5)
+            assert [r.instance for r in replies] == [fallback] * 5
+            trailing = replies.trailing_metadata()
+        else:
+            chat = stub.Chat((demo_pb2.EchoRequest(text=t) for t in "abc"), metadata=md, timeout=5)
+            assert [(r.text, r.instance) for r in chat] == [
+                ("a", fallback),
+                ("b", fallback),
+                ("c", fallback),
+            ]
+            trailing = chat.trailing_metadata()
+    assert ("ringmesh-attempts", "2") in tuple(trailing)

@@ -1,0 +1,96 @@
+"""The ejection state machine (sidecar/ejection.py) on a fake clock."""
+
+from __future__ import annotations
+
+from sidecar.ejection import Ejector
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make() -> tuple[Ejector, FakeClock]:
+    clock = FakeClock()
+    return Ejector(clock=clock), clock
+
+
+def ident(p: str) -> str:
+    return p
+
+
+def test_a_connect_failure_ejects_at_once_for_30_seconds() -> None:
+    ejector, clock = make()
+    assert ejector.connect_failed("a")
+    assert ejector.is_ejected("a")
+    assert not ejector.connect_failed("a"), "already ejected: not counted twice"
+    clock.now += 29.9
+    assert ejector.is_ejected("a")
+    clock.now += 0.2
+    assert not ejector.is_ejected("a")
+    assert ejector.ejection_count == 1
+
+
+def test_five_consecutive_failures_eject_and_a_success_resets_the_count() -> None:
+    ejector, _ = make()
+    for _ in range(4):
+        assert not ejector.failed("a")
+    ejector.succeeded("a")
+    for _ in range(4):
+        assert not ejector.failed("a")
+    assert not ejector.is_ejected("a")
+    assert ejector.failed("a")
+    assert ejector.is_ejected("a")
+
+
+def test_ejection_time_grows_with_each_ejection_up_to_300_seconds() -> None:
+    ejector, clock = make()
+    durations = []
+    for _ in range(12):
+        ejector.connect_failed("a")
+        start = clock.now
+        while ejector.is_ejected("a"):
+            clock.now += 1
+        durations.append(clock.now - start)
+    assert durations[:4] == [30, 60, 90, 120]
+    assert durations[-1] == 300
+    assert max(durations) == 300
+
+
+def test_a_passing_probe_brings_a_peer_back_early() -> None:
+    ejector, clock = make()
+    ejector.connect_failed("a")
+    clock.now += 1
+    ejector.probe_passed("a")
+    assert not ejector.is_ejected("a")
+    assert ejector.usable(["a", "b"], ident) == ["a", "b"]
+
+
+def test_ejected_peers_are_skipped_in_order() -> None:
+    ejector, _ = make()
+    ejector.connect_failed("b")
+    assert ejector.usable(["a", "b", "c", "d"], ident) == ["a", "c", "d"]
+    assert ejector.ejected() == ["b"]
+    assert ejector.has_ejections()
+
+
+def test_panic_mode_when_more_than_half_are_ejected() -> None:
+    ejector, _ = make()
+    ejector.connect_failed("a")
+    ejector.connect_failed("b")
+    # Exactly half ejected: still honoured.
+    assert ejector.usable(["a", "b", "c", "d"], ident) == ["c", "d"]
+    ejector.connect_failed("c")
+    # More than half: ignore ejections rather than fail for sure.
+    assert ejector.usable(["a", "b", "c", "d"], ident) == ["a", "b", "c", "d"]
+
+
+def test_forget_drops_peers_that_left() -> None:
+    ejector, _ = make()
+    ejector.connect_failed("gone")
+    ejector.forget({"a"})
+    assert not ejector.is_ejected("gone")
+    assert not ejector.has_ejections()
