@@ -7,9 +7,10 @@ same histogram feeds /metrics and OTLP: one counting path, not two.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+
+from registry.scaling import LoadReport
 
 
 @dataclass(frozen=True)
@@ -21,20 +22,6 @@ class HistogramTotals:
     errors: int = 0
     bounds: tuple[float, ...] = ()
     buckets: tuple[int, ...] = ()  # len(bounds) + 1, the last one is +Inf
-
-
-@dataclass(frozen=True)
-class LoadReading:
-    ts: float
-    window_s: float
-    rps: float
-    inflight: int
-    error_rate: float
-    p50_ms: float
-    p99_ms: float
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True).encode()
 
 
 def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float:
@@ -57,7 +44,7 @@ def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float:
 
 def window_load(
     previous: HistogramTotals, now: HistogramTotals, *, inflight: int, wall: float
-) -> LoadReading:
+) -> LoadReport:
     """What happened between two readings (counters that went backwards count as restarted)."""
     window = max(now.at - previous.at, 1e-9)
     same_shape = previous.bounds == now.bounds and len(previous.buckets) == len(now.buckets)
@@ -68,7 +55,7 @@ def window_load(
     buckets = [
         a - b for a, b in zip(now.buckets, previous.buckets or (0,) * len(now.buckets), strict=True)
     ]
-    return LoadReading(
+    return LoadReport(
         ts=round(wall, 3),
         window_s=round(window, 3),
         rps=round(calls / window, 3),
