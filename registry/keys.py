@@ -67,3 +67,36 @@ class KeyLayout:
 
     def load(self, service: str, instance_id: str) -> str:
         return f"{self.prefix}/load/{validate_service(service)}/{validate_instance_id(instance_id)}"
+
+    @property
+    def loads(self) -> str:
+        return f"{self.prefix}/load/"
+
+    @property
+    def policies(self) -> str:
+        return f"{self.prefix}/policy/"
+
+    def policy(self, service: str) -> str:
+        return f"{self.policies}{validate_service(service)}"
+
+    @property
+    def targets(self) -> str:
+        return f"{self.prefix}/targets/"
+
+    def target(self, service: str) -> str:
+        return f"{self.targets}{validate_service(service)}"
+
+    def parse_last(self, key: str, under: str) -> str:
+        """The service name at the end of a ``policy/`` or ``targets/`` key."""
+        if not key.startswith(under):
+            raise InvalidName(f"{key!r} is not under {under!r}")
+        return validate_service(key[len(under) :])
+
+    def parse_load(self, key: str) -> tuple[str, str]:
+        """Split a ``load/`` key into (service, instance id)."""
+        if not key.startswith(self.loads):
+            raise InvalidName(f"{key!r} is not under {self.loads!r}")
+        service, sep, instance_id = key[len(self.loads) :].partition("/")
+        if not sep:
+            raise InvalidName(f"{key!r} has no instance id")
+        return validate_service(service), validate_instance_id(instance_id)

@@ -14,6 +14,14 @@ from typing import Any
 from registry.errors import ConfigError, MeshError
 from registry.etcd import EtcdClient
 from registry.keys import KeyLayout
+from registry.scaling import (
+    DEFAULT_SCALE_DOWN_WINDOW_S,
+    DEFAULT_SCALE_UP_WINDOW_S,
+    DEFAULT_TOLERANCE,
+    METRICS,
+    MODES,
+    REACTIVE,
+)
 from ringmesh.options import EnvParser, add_etcd_options, etcd_config
 
 log = logging.getLogger("ringmesh")
@@ -75,6 +83,35 @@ def build_parser() -> EnvParser:
     route.option("--json", action="store_true", help="one JSON document on stdout")
     add_etcd_options(route)
 
+    policy = commands.add_parser("policy", help="how a service scales (policy/<service>)")
+    actions = policy.add_subparsers(dest="action", required=True, parser_class=EnvParser)
+    set_ = actions.add_parser("set", help="create or replace a service's policy")
+    set_.add_argument("service")
+    set_.option("--min", type=int, required=True, help="fewest replicas")
+    set_.option("--max", type=int, required=True, help="most replicas")
+    set_.option("--metric", required=True, choices=METRICS, help="what to hold at the target")
+    set_.add_argument(
+        "--target", type=float, required=True, help="per-instance target of the metric"
+    )
+    set_.add_argument(
+        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="no change within it"
+    )
+    set_.add_argument(
+        "--scale-up-window", type=float, default=DEFAULT_SCALE_UP_WINDOW_S, metavar="S"
+    )
+    set_.add_argument(
+        "--scale-down-window", type=float, default=DEFAULT_SCALE_DOWN_WINDOW_S, metavar="S"
+    )
+    set_.option("--mode", choices=MODES, default=REACTIVE)
+    add_etcd_options(set_)
+    for name, text in (
+        ("get", "print a service's policy"),
+        ("delete", "remove a service's policy"),
+    ):
+        sub = actions.add_parser(name, help=text)
+        sub.add_argument("service")
+        add_etcd_options(sub)
+
     up = commands.add_parser("up", help="a local mesh: embedded etcd and demo services")
     up.option("--for", dest="duration", type=float, metavar="SECONDS", help="stop after SECONDS")
     up.option("--replicas", type=int, default=3, help="instances of the demo service")
@@ -133,6 +170,10 @@ def _dispatch(args: argparse.Namespace) -> int:
                 lambda c: route_command(c, layout, args.service, args.key, as_json=args.json),
             )
         )
+    if args.command == "policy":
+        from ringmesh.policy_cmd import policy_command
+
+        return _run(_with_etcd(config, lambda c: policy_command(c, layout, args)))
     raise ConfigError(f"unknown command {args.command!r}")
 
 

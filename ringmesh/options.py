@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NoReturn
 
 from registry.etcd import DEFAULT_ETCD, EtcdConfig
 from registry.keys import DEFAULT_PREFIX
@@ -24,6 +24,10 @@ class EnvParser(argparse.ArgumentParser):
     def __init__(self, *args: Any, environ: Mapping[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.environ = os.environ if environ is None else environ
+
+    def error(self, message: str) -> NoReturn:
+        """One clear line on stderr and exit 2 (the contract), not argparse's usage dump."""
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
     def option(self, *flags: str, **kwargs: Any) -> argparse.Action:
         long_flag = next(f for f in flags if f.startswith("--"))
