@@ -45,3 +45,7 @@ class UnknownService(MeshError):
 
 class NoLiveInstance(MeshError):
     """The service is known but has no instance that can take the call (UNAVAILABLE)."""
+
+
+class NotLeader(MeshError):
+    """This process does not lead (any more): stop acting as leader, campaign again."""

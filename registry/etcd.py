@@ -11,10 +11,9 @@ import asyncio
 import contextlib
 import ipaddress
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -26,6 +25,7 @@ import aetcd.watcher
 import grpc
 
 from registry.errors import ConfigError, EtcdError, EtcdUnavailable, RevisionCompacted
+from registry.lifecycle import AsyncClosing
 
 T = TypeVar("T")
 
@@ -220,24 +220,13 @@ _UNAVAILABLE = (
 )
 
 
-class EtcdClient:
+class EtcdClient(AsyncClosing):
     """ringmesh's view of etcd: typed values, ringmesh errors, bounded calls."""
 
     def __init__(self, config: EtcdConfig) -> None:
         self.config = config
         self._client = _AetcdClient(config)
         self._closed = False
-
-    async def __aenter__(self) -> EtcdClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     async def aclose(self) -> None:
         if self._closed:
@@ -249,7 +238,10 @@ class EtcdClient:
         """Run one etcd request with a deadline; translate aetcd's errors."""
         for attempt in (1, 2):
             try:
-                return await asyncio.wait_for(op(self._client), self.config.timeout)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
+                # cancellation that lands as the call completes.
+                async with asyncio.timeout(self.config.timeout):
+                    return await op(self._client)
             except aetcd_errors.UnauthenticatedError as exc:
                 # aetcd never renews an expired token: reconnect (re-authenticate) once.
                 if attempt == 1 and self.config.user is not None:
@@ -305,19 +297,126 @@ class EtcdClient:
         info = await self._call(lambda c: c.get_lease_info(lease_id, keys=False), "lease ttl")
         return int(info.TTL)
 
-    async def watch_prefix(self, prefix: str, *, start_revision: int) -> AsyncIterator[WatchEvent]:
+    async def get_prefix_by_create(self, prefix: str) -> tuple[list[KeyValue], int]:
+        """Like get_prefix, oldest first: sorted by create revision (an election's queue)."""
+        found = await self._call(
+            lambda c: c.get_prefix(prefix.encode(), sort_order="ascend", sort_target="create"),
+            f"get {prefix}* by create revision",
+        )
+        return [_kv(item) for item in found], found.header.revision
+
+    async def create(self, key: str, value: bytes, *, lease: int | None) -> int | None:
+        """Put ``key`` only if it does not exist (one transaction).
+
+        Returns the new key's create revision, or None if the key already existed
+        (nothing written). ``lease`` is explicit, as for put.
+        """
+        encoded = key.encode()
+
+        def txn(c: Any) -> Awaitable[tuple[bool, list[Any]]]:
+            ops = c.transactions
+            return c.transaction(  # type: ignore[no-any-return]
+                compare=[ops.create(encoded) == 0],
+                success=[ops.put(encoded, value, lease=lease), ops.get(encoded)],
+                failure=[],
+            )
+
+        created, responses = await self._call(txn, f"create {key}")
+        if not created:
+            return None
+        # The get in the same transaction sees the put: its create revision is ours.
+        (_value, kv), *_ = responses[1]
+        revision: int = kv.create_revision
+        return revision
+
+    async def put_fenced(
+        self,
+        key: str,
+        value: bytes,
+        *,
+        lease: int | None,
+        fence_key: str,
+        fence_create_revision: int,
+    ) -> bool:
+        """Put ``key`` only while ``fence_key`` exists with that create revision.
+
+        Returns False (nothing written) when the fence no longer holds: the key was
+        deleted, or deleted and created again (a new create revision).
+        """
+        return await self._fenced(
+            "put",
+            key,
+            lambda ops: ops.put(key.encode(), value, lease=lease),
+            fence_key=fence_key,
+            fence_create_revision=fence_create_revision,
+        )
+
+    async def delete_fenced(self, key: str, *, fence_key: str, fence_create_revision: int) -> bool:
+        """Delete ``key`` only while the fence holds (see put_fenced); False if it does not.
+
+        True means the fence held, whether or not ``key`` existed.
+        """
+        return await self._fenced(
+            "delete",
+            key,
+            lambda ops: ops.delete(key.encode()),
+            fence_key=fence_key,
+            fence_create_revision=fence_create_revision,
+        )
+
+    async def _fenced(
+        self,
+        what: str,
+        key: str,
+        op: Callable[[Any], Any],
+        *,
+        fence_key: str,
+        fence_create_revision: int,
+    ) -> bool:
+        if fence_create_revision <= 0:
+            # create_revision == 0 would hold for an absent fence key: never a fence.
+            raise ValueError(f"fence create revision must be positive, got {fence_create_revision}")
+        fence = fence_key.encode()
+
+        def txn(c: Any) -> Awaitable[tuple[bool, list[Any]]]:
+            ops = c.transactions
+            return c.transaction(  # type: ignore[no-any-return]
+                compare=[ops.create(fence) == fence_create_revision],
+                success=[op(ops)],
+                failure=[],
+            )
+
+        held, _responses = await self._call(
+            txn, f"{what} {key} fenced on {fence_key}@{fence_create_revision}"
+        )
+        return bool(held)
+
+    def watch_prefix(self, prefix: str, *, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Events under ``prefix`` from ``start_revision`` on, until the stream breaks.
 
         Raises EtcdUnavailable when the connection breaks (the caller re-watches
         from the last revision + 1) and RevisionCompacted when history is gone.
         """
         key = prefix.encode()
+        return self._watch(
+            key, aetcd.utils.prefix_range_end(key), start_revision, what=f"{prefix}*"
+        )
+
+    def watch_key(self, key: str, *, start_revision: int) -> AsyncGenerator[WatchEvent, None]:
+        """Events on exactly ``key`` from ``start_revision`` on; errors as watch_prefix.
+
+        An async generator: close it (``contextlib.aclosing``) to cancel the watch
+        at once when leaving early.
+        """
+        return self._watch(key.encode(), None, start_revision, what=key)
+
+    async def _watch(
+        self, key: bytes, range_end: bytes | None, start_revision: int, *, what: str
+    ) -> AsyncGenerator[WatchEvent, None]:
         try:
             watch = await self._call(
-                lambda c: c.watch(
-                    key, range_end=aetcd.utils.prefix_range_end(key), start_revision=start_revision
-                ),
-                f"watch {prefix}*",
+                lambda c: c.watch(key, range_end=range_end, start_revision=start_revision),
+                f"watch {what}",
             )
         except EtcdError as exc:
             cause = exc.__cause__
@@ -325,7 +424,7 @@ class EtcdClient:
                 raise RevisionCompacted(cause.compacted_revision) from cause
             # A stream that breaks while the watch is being created surfaces
             # as a generic error; it is a broken connection all the same.
-            raise EtcdUnavailable(f"etcd watch {prefix}*: {exc}") from exc
+            raise EtcdUnavailable(f"etcd watch {what}: {exc}") from exc
         try:
             async for event in watch:
                 kv = event.kv
@@ -334,13 +433,13 @@ class EtcdClient:
         except aetcd_errors.RevisionCompactedError as exc:
             raise RevisionCompacted(exc.compacted_revision) from exc
         except _UNAVAILABLE as exc:
-            raise EtcdUnavailable(f"etcd watch {prefix}*: {exc or type(exc).__name__}") from exc
+            raise EtcdUnavailable(f"etcd watch {what}: {exc or type(exc).__name__}") from exc
         except aetcd_errors.ClientError as exc:
-            raise EtcdUnavailable(f"etcd watch {prefix}*: {exc}") from exc
+            raise EtcdUnavailable(f"etcd watch {what}: {exc}") from exc
         finally:
             await _quietly(watch.cancel())
         # The watcher stream closed without an error: treat it as a broken connection.
-        raise EtcdUnavailable(f"etcd watch {prefix}*: stream ended")
+        raise EtcdUnavailable(f"etcd watch {what}: stream ended")
 
 
 async def _quietly(awaitable: Awaitable[Any]) -> None:

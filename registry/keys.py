@@ -86,6 +86,10 @@ class KeyLayout:
     def target(self, service: str) -> str:
         return f"{self.targets}{validate_service(service)}"
 
+    def election(self, name: str = "scaler") -> str:
+        """``election/<name>/``: every candidate's key is directly under it."""
+        return f"{self.prefix}/election/{validate_service(name)}/"
+
     def parse_last(self, key: str, under: str) -> str:
         """The service name at the end of a ``policy/`` or ``targets/`` key."""
         if not key.startswith(under):

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 
 from registry.errors import EtcdError, EtcdUnavailable, MeshError
 from registry.etcd import EtcdClient
+from registry.outage import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,9 @@ class LeaseKeeper:
         self._lease_id: int | None = None
         self._last_ok = 0.0
         self._synced = False
-        self._unreachable = False
+        self._outage = OutageLog(
+            log, down=lambda exc: f"etcd unreachable, keeping the last registration: {exc}"
+        )
         self._revoked = False
         self.granted = asyncio.Event()  # set once the records are in etcd under a lease
         self.grants = 0
@@ -65,14 +68,14 @@ class LeaseKeeper:
             await self._client.put(key, value, lease=self._lease_id)
         except (EtcdUnavailable, EtcdError) as exc:
             self._synced = False  # the refresh loop puts every record again
-            self._note_unreachable(exc)
+            self._outage.failed(exc)
 
     async def run(self) -> None:
         while not self._revoked:
             if self._lease_id is None:
                 await self._grant()
                 continue
-            await self._sleep(self.ttl / 3 if not self._unreachable else self._retry_interval)
+            await self._sleep(self.ttl / 3 if not self._outage.down else self._retry_interval)
             if self._revoked:
                 return
             await self._refresh()
@@ -88,11 +91,11 @@ class LeaseKeeper:
             await self._put_all()
         except (EtcdUnavailable, EtcdError) as exc:
             self._lease_id = None
-            self._note_unreachable(exc)
+            self._outage.failed(exc)
             await self._sleep(self._retry_interval)
             return
         self.grants += 1
-        self._note_reachable()
+        self._outage.recovered()
         log.info(
             "lease %x granted (ttl %ss), %d record(s) registered",
             lease_id,
@@ -108,7 +111,7 @@ class LeaseKeeper:
         try:
             ttl_left = await self._client.refresh_lease(self._lease_id)
         except (EtcdUnavailable, EtcdError) as exc:
-            self._note_unreachable(exc)
+            self._outage.failed(exc)
             if self._clock() - self._last_ok >= self.ttl:
                 self._lose(f"no successful refresh for {self.ttl} s")
             return
@@ -116,12 +119,12 @@ class LeaseKeeper:
             self._lose("etcd says it expired or was revoked")
             return
         self._last_ok = self._clock()
-        self._note_reachable()
+        self._outage.recovered()
         if not self._synced:
             try:
                 await self._put_all()
             except (EtcdUnavailable, EtcdError) as exc:
-                self._note_unreachable(exc)
+                self._outage.failed(exc)
 
     async def _put_all(self) -> None:
         lease_id = self._lease_id
@@ -137,16 +140,6 @@ class LeaseKeeper:
         log.warning("lease %x lost (%s): granting a new one", self._lease_id or 0, why)
         self._lease_id = None
         self.granted.clear()
-
-    def _note_unreachable(self, exc: MeshError) -> None:
-        if not self._unreachable:
-            log.warning("etcd unreachable, keeping the last registration: %s", exc)
-            self._unreachable = True
-
-    def _note_reachable(self) -> None:
-        if self._unreachable:
-            log.info("etcd reachable again")
-            self._unreachable = False
 
     async def revoke(self) -> None:
         """Stop keeping the lease and revoke it, deleting its records at once; idempotent."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from registry.errors import InvalidName, RecordError
 from registry.keys import validate_instance_id, validate_service
@@ -89,6 +91,26 @@ class InstanceRecord:
             )
         except (InvalidName, OverflowError) as exc:
             raise RecordError(str(exc)) from exc
+
+
+class _Stored(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+S = TypeVar("S", bound=_Stored)
+R = TypeVar("R")
+
+
+def parse_or_skip(stored: Iterable[S], parse: Callable[[S], R], logger: logging.Logger) -> list[R]:
+    """Parse each stored value; one that does not parse is logged and skipped, never fatal."""
+    parsed = []
+    for item in stored:
+        try:
+            parsed.append(parse(item))
+        except (RecordError, InvalidName) as exc:
+            logger.warning("skipping %s: %s", item.key, exc)
+    return parsed
 
 
 _MISSING: Any = object()

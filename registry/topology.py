@@ -18,7 +18,8 @@ from registry.errors import EtcdError, EtcdUnavailable, InvalidName, RecordError
 from registry.etcd import EtcdClient, KeyValue, WatchEvent
 from registry.keys import KeyLayout
 from registry.lease import Sleep
-from registry.records import InstanceRecord
+from registry.outage import OutageLog
+from registry.records import InstanceRecord, parse_or_skip
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +81,11 @@ async def read_topology(client: EtcdClient, layout: KeyLayout) -> Topology:
 
 
 def _parse_listing(layout: KeyLayout, kvs: Iterable[KeyValue]) -> dict[str, Registered]:
-    entries: dict[str, Registered] = {}
-    for kv in kvs:
-        try:
-            entries[kv.key] = parse_entry(
-                layout, kv.key, kv.value, lease=kv.lease, mod_revision=kv.mod_revision
-            )
-        except RecordError as exc:
-            log.warning("skipping %s: %s", kv.key, exc)
-    return entries
+    def parse(kv: KeyValue) -> tuple[str, Registered]:
+        entry = parse_entry(layout, kv.key, kv.value, lease=kv.lease, mod_revision=kv.mod_revision)
+        return kv.key, entry
+
+    return dict(parse_or_skip(kvs, parse, log))
 
 
 class TopologyWatch:
@@ -112,7 +109,13 @@ class TopologyWatch:
         self.revision = 0  # the last revision applied
         self.topology = Topology()
         self.ready = asyncio.Event()  # set after the first listing
-        self._unreachable = False
+        self._outage = OutageLog(
+            log,
+            down=lambda exc: (
+                f"topology watch broken, routing on the last topology (rev {self.revision}): {exc}"
+            ),
+            up=lambda: f"topology watch resumed from revision {self.revision + 1}",
+        )
 
     async def run(self) -> None:
         listed = False
@@ -124,19 +127,19 @@ class TopologyWatch:
                 async for event in self._client.watch_prefix(
                     self._layout.instances, start_revision=self.revision + 1
                 ):
-                    self._note_reachable()
+                    self._outage.recovered()
                     self._apply(event)
             except RevisionCompacted as exc:
                 log.warning("watch revision %d compacted (%s): re-listing", self.revision + 1, exc)
                 listed = False
             except (EtcdUnavailable, EtcdError) as exc:
                 # Never give up: the last topology stays in force meanwhile.
-                self._note_unreachable(exc)
+                self._outage.failed(exc)
                 await self._sleep(self._retry_interval)
 
     async def _list(self) -> None:
         kvs, revision = await self._client.get_prefix(self._layout.instances)
-        self._note_reachable()
+        self._outage.recovered()
         self._entries = _parse_listing(self._layout, kvs)
         self.revision = revision
         self._publish()
@@ -163,17 +166,3 @@ class TopologyWatch:
     def _publish(self) -> None:
         self.topology = Topology.build(self.revision, self._entries.values())
         self._on_change(self.topology)
-
-    def _note_unreachable(self, exc: Exception) -> None:
-        if not self._unreachable:
-            log.warning(
-                "topology watch broken, routing on the last topology (rev %d): %s",
-                self.revision,
-                exc,
-            )
-            self._unreachable = True
-
-    def _note_reachable(self) -> None:
-        if self._unreachable:
-            log.info("topology watch resumed from revision %d", self.revision + 1)
-            self._unreachable = False

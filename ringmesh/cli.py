@@ -7,13 +7,14 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any
 
 from registry.errors import ConfigError, MeshError
 from registry.etcd import EtcdClient
-from registry.keys import KeyLayout
+from registry.keys import KeyLayout, validate_service
 from registry.scaling import (
     DEFAULT_SCALE_DOWN_WINDOW_S,
     DEFAULT_SCALE_UP_WINDOW_S,
@@ -83,6 +84,29 @@ def build_parser() -> EnvParser:
     route.option("--json", action="store_true", help="one JSON document on stdout")
     add_etcd_options(route)
 
+    scaler = commands.add_parser(
+        "scaler", help="run a scaler (one of them leads, by etcd election)"
+    )
+    scaler.option("--id", dest="scaler_id", help="this scaler's id (default: HOSTNAME-PID)")
+    scaler.option(
+        "--interval", type=float, default=2.0, metavar="SECONDS", help="evaluation period"
+    )
+    scaler.option("--actuator", choices=["none", "local", "kubernetes"], default="none")
+    scaler.option("--ttl", type=int, default=10, help="election lease TTL in seconds")
+    scaler.option("--max-total-replicas", type=int, metavar="N", help="global replica budget")
+    scaler.option(
+        "--command",
+        dest="templates",
+        action="append",
+        default=[],
+        metavar="SERVICE=TEMPLATE",
+        help="local actuator: command starting one instance ({service} {index} {etcd} {prefix})",
+    )
+    scaler.option(
+        "--namespace", default="default", help="kubernetes actuator: the Deployments' namespace"
+    )
+    add_etcd_options(scaler)
+
     policy = commands.add_parser("policy", help="how a service scales (policy/<service>)")
     actions = policy.add_subparsers(dest="action", required=True, parser_class=EnvParser)
     set_ = actions.add_parser("set", help="create or replace a service's policy")
@@ -151,6 +175,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_up(replicas=args.replicas, duration=args.duration)
     if args.command == "sidecar":
         return _run(_sidecar(args))
+    if args.command == "scaler":
+        return _run(_scaler(args))
     layout = KeyLayout(args.prefix)
     config = etcd_config(args)
     if args.command == "topology":
@@ -222,3 +248,50 @@ async def _sidecar(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, stop.set)
     await Sidecar(config).run(stop)
     return 0
+
+
+async def _scaler(args: argparse.Namespace) -> int:
+    from scaler.leader import Scaler, ScalerConfig
+
+    config = ScalerConfig(
+        scaler_id=args.scaler_id or default_scaler_id(),
+        etcd=etcd_config(args),
+        prefix=args.prefix,
+        interval=args.interval,
+        ttl=args.ttl,
+        max_total_replicas=args.max_total_replicas,
+    )
+    actuator = build_actuator(args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Scaler(config, actuator).run(stop)
+    return 0
+
+
+def default_scaler_id() -> str:
+    raw = f"{socket.gethostname()}-{os.getpid()}"
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in raw).strip("-._")[-128:]
+
+
+def build_actuator(args: argparse.Namespace) -> Any:
+    from scaler.actuators import CommandLauncher, LocalActuator, NoActuator
+
+    if args.actuator == "none":
+        if args.templates:
+            raise ConfigError("--command is for --actuator local")
+        return NoActuator()
+    if args.actuator == "local":
+        templates = {}
+        for item in args.templates:
+            service, sep, template = item.partition("=")
+            if not sep or not template.strip():
+                raise ConfigError(f"--command {item!r}: expected SERVICE=TEMPLATE")
+            templates[validate_service(service)] = template
+        if not templates:
+            raise ConfigError("--actuator local needs at least one --command SERVICE=TEMPLATE")
+        return LocalActuator(CommandLauncher(templates, etcd=args.etcd, prefix=args.prefix))
+    from scaler.kubernetes import KubernetesActuator, load_apps_api
+
+    return KubernetesActuator(load_apps_api(), namespace=args.namespace)

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sys
+from dataclasses import dataclass
 from typing import Any, TextIO
 
+from registry.election import Candidate, read_leader
 from registry.errors import EtcdUnavailable
 from registry.etcd import EtcdClient
 from registry.keys import KeyLayout, validate_service
+from registry.scaling import Target
 from registry.topology import Topology, TopologyWatch, read_topology
+from scaler.leader import read_targets
 from sidecar.routing import RoutingTable
+
+log = logging.getLogger(__name__)
 
 
 async def _lease_ttls(client: EtcdClient, topology: Topology) -> dict[int, int]:
@@ -25,14 +32,31 @@ async def _lease_ttls(client: EtcdClient, topology: Topology) -> dict[int, int]:
     return ttls
 
 
-def topology_document(topology: Topology, ttls: dict[int, int]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Scaling:
+    """What the scaler decided: targets per service and who leads."""
+
+    targets: dict[str, Target]
+    leader: Candidate | None
+
+
+async def _scaling(client: EtcdClient, layout: KeyLayout) -> Scaling:
+    return Scaling(await read_targets(client, layout), await read_leader(client, layout))
+
+
+def topology_document(topology: Topology, ttls: dict[int, int], scaling: Scaling) -> dict[str, Any]:
     """The JSON form of `ringmesh topology --json`."""
     table = RoutingTable.build(topology)
     services: dict[str, Any] = {}
-    for service, ids in topology.services.items():
+    for service in sorted(set(topology.services) | set(scaling.targets)):
+        ids = topology.services.get(service, {})
         ring = table.rings.get(service)
         shares = ring.shares() if ring is not None else {}
+        target = scaling.targets.get(service)
         services[service] = {
+            "live": sum(1 for entry in ids.values() if entry.record.serving),
+            "target": None if target is None else target.replicas,
+            "target_reason": None if target is None else target.reason,
             "instances": [
                 {
                     "id": entry.record.id,
@@ -47,9 +71,14 @@ def topology_document(topology: Topology, ttls: dict[int, int]) -> dict[str, Any
                     "version": entry.record.version,
                 }
                 for entry in ids.values()
-            ]
+            ],
         }
-    return {"revision": topology.revision, "services": services}
+    leader = scaling.leader
+    return {
+        "revision": topology.revision,
+        "leader": None if leader is None else {"id": leader.id, "term": leader.term},
+        "services": services,
+    }
 
 
 def render_topology(doc: dict[str, Any], out: TextIO) -> None:
@@ -64,14 +93,23 @@ def render_topology(doc: dict[str, Any], out: TextIO) -> None:
             ))  # fmt: skip
     if len(rows) == 1:
         out.write(f"no instances registered (revision {doc['revision']})\n")
-        return
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        out.write(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
-            + "\n"
-        )
-    out.write(f"revision {doc['revision']}\n")
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        for row in rows:
+            cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+            out.write("  ".join(cells).rstrip() + "\n")
+    for service, body in doc["services"].items():
+        if body["target"] is not None:
+            out.write(
+                f"{service}: {body['live']} live, target {body['target']} ({body['target_reason']})\n"
+            )
+    leader = doc["leader"]
+    scaler = (
+        "no scaler leads"
+        if leader is None
+        else f"scaler leader {leader['id']} (term {leader['term']})"
+    )
+    out.write(f"revision {doc['revision']}; {scaler}\n")
 
 
 async def topology_command(
@@ -79,7 +117,7 @@ async def topology_command(
 ) -> int:
     if not watch:
         topology = await read_topology(client, layout)
-        _emit(topology_document(topology, await _lease_ttls(client, topology)), as_json)
+        await _emit_current(client, layout, topology, as_json)
         return 0
     changed = asyncio.Event()
     watcher = TopologyWatch(client, layout, on_change=lambda _t: changed.set())
@@ -88,10 +126,16 @@ async def topology_command(
         while True:
             await changed.wait()
             changed.clear()
-            topology = watcher.topology
-            _emit(topology_document(topology, await _lease_ttls(client, topology)), as_json)
+            await _emit_current(client, layout, watcher.topology, as_json)
     finally:
         task.cancel()
+
+
+async def _emit_current(
+    client: EtcdClient, layout: KeyLayout, topology: Topology, as_json: bool
+) -> None:
+    ttls = await _lease_ttls(client, topology)
+    _emit(topology_document(topology, ttls, await _scaling(client, layout)), as_json)
 
 
 def _emit(doc: dict[str, Any], as_json: bool) -> None:
@@ -121,3 +165,15 @@ async def route_command(
         role = "owner" if i == 0 else f"failover {i}"
         sys.stdout.write(f"{role:<11} {peer.id}  {peer.address}\n")
     return 0
+
+
+def count_serving(etcd_url: str, prefix: str, service: str) -> int:
+    """How many instances of ``service`` serve now (a blocking helper for scripts)."""
+    from registry.etcd import EtcdConfig
+
+    async def count() -> int:
+        async with EtcdClient(EtcdConfig.from_urls(etcd_url)) as client:
+            topology = await read_topology(client, KeyLayout(prefix))
+        return sum(1 for record in topology.instances(service) if record.serving)
+
+    return asyncio.run(count())

@@ -89,6 +89,7 @@ class CommandLauncher:
         return subprocess.Popen(
             self._argv(template, service, index),
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,  # an instance logs on stderr; its events are for others
             env=dict(self.env),
             start_new_session=True,
         )
@@ -146,5 +147,11 @@ class LocalActuator:
                 await self._launcher.stop(newest)
 
     async def aclose(self) -> None:
-        """Leave instances running: the actuator follows targets, it does not own the service."""
-        self._stacks.clear()
+        """Drain and stop every instance started here: they are this process's children,
+        as under any supervisor; a scaler that takes over starts its own."""
+        async with self._lock:
+            stacks, self._stacks = self._stacks, {}
+            for service, stack in stacks.items():
+                while stack:
+                    log.info("%s: stopping instance on shutdown (%d left)", service, len(stack))
+                    await self._launcher.stop(stack.pop())

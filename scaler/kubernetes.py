@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from registry.errors import MeshError
+from registry.errors import ConfigError, MeshError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,12 @@ def load_apps_api(*, host: str | None = None) -> Any:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            raise ConfigError(
+                f"no kubernetes configuration (in-cluster or ~/.kube/config): {exc}"
+            ) from exc
     return client.AppsV1Api()
 
 

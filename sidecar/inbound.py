@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from time import monotonic
 
 from sidecar.proxy import Metadata, Target
 from sidecar.retry import NOT_PROCESSED_HEADER, Outcome
@@ -32,17 +33,30 @@ class InboundDirector:
     ) -> None:
         self.app = Target(app_address)
         self.inflight = 0
+        self._area = 0.0  # integral of inflight over time (call-seconds)
+        self._since = monotonic()
         self.app_up = True
         self._on_app_state = on_app_state
 
     def plan(self, method: str, metadata: Metadata) -> _AppPlan:
         return _AppPlan(self.app)
 
+    def busy_seconds(self) -> float:
+        """Call-seconds spent in flight since start: the load record's in-flight average."""
+        now = monotonic()
+        return self._area + self.inflight * (now - self._since)
+
+    def _count(self, change: int) -> None:
+        now = monotonic()
+        self._area += self.inflight * (now - self._since)
+        self._since = now
+        self.inflight += change
+
     def started(self, target: Target) -> None:
-        self.inflight += 1
+        self._count(1)
 
     def finished(self, target: Target, outcome: Outcome | None) -> None:
-        self.inflight -= 1
+        self._count(-1)
         up = outcome is not Outcome.NEVER_SENT
         if up != self.app_up:
             self.app_up = up

@@ -1,5 +1,10 @@
 """The ``load/<service>/<id>`` record, computed from the call-duration histogram (pure).
 
+``inflight`` is the window's time-averaged number of calls in flight (the
+integral the inbound side keeps of the count ``ringmesh.inflight`` reports),
+which a policy can hold steady; ``rps``, ``error_rate`` and the percentiles
+come from the histogram.
+
 The telemetry reader hands over cumulative totals every report interval; the
 difference between two readings is the window the record describes. The
 same histogram feeds /metrics and OTLP: one counting path, not two.
@@ -20,6 +25,7 @@ class HistogramTotals:
     at: float  # monotonic seconds
     count: int = 0
     errors: int = 0
+    sum_ms: float = 0.0  # total duration of the calls counted
     bounds: tuple[float, ...] = ()
     buckets: tuple[int, ...] = ()  # len(bounds) + 1, the last one is +Inf
 
@@ -43,7 +49,7 @@ def quantile(bounds: Sequence[float], counts: Sequence[int], q: float) -> float:
 
 
 def window_load(
-    previous: HistogramTotals, now: HistogramTotals, *, inflight: int, wall: float
+    previous: HistogramTotals, now: HistogramTotals, *, busy_s: float, wall: float
 ) -> LoadReport:
     """What happened between two readings (counters that went backwards count as restarted)."""
     window = max(now.at - previous.at, 1e-9)
@@ -52,6 +58,9 @@ def window_load(
         previous = HistogramTotals(previous.at, bounds=now.bounds, buckets=(0,) * len(now.buckets))
     calls = now.count - previous.count
     errors = now.errors - previous.errors
+    # In-flight as the window's time average (call-seconds in flight / window),
+    # not a point sample that happens to land between two calls.
+    average_inflight = max(0.0, busy_s) / window
     buckets = [
         a - b for a, b in zip(now.buckets, previous.buckets or (0,) * len(now.buckets), strict=True)
     ]
@@ -59,7 +68,7 @@ def window_load(
         ts=round(wall, 3),
         window_s=round(window, 3),
         rps=round(calls / window, 3),
-        inflight=inflight,
+        inflight=round(average_inflight, 3),
         error_rate=round(errors / calls, 4) if calls else 0.0,
         p50_ms=round(quantile(now.bounds, buckets, 0.50), 3),
         p99_ms=round(quantile(now.bounds, buckets, 0.99), 3),

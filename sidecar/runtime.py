@@ -224,11 +224,12 @@ class Sidecar:
         """Every report interval, the load/ record from the same histogram /metrics serves."""
         key = self.layout.load(self.config.service, instance_id)
         previous = telemetry.server_totals()
+        busy = self.inbound.busy_seconds()
         while True:
             await asyncio.sleep(self.config.report_interval)
-            now = telemetry.server_totals()
-            reading = window_load(previous, now, inflight=self.inbound.inflight, wall=time.time())
-            previous = now
+            now, busy_now = telemetry.server_totals(), self.inbound.busy_seconds()
+            reading = window_load(previous, now, busy_s=busy_now - busy, wall=time.time())
+            previous, busy = now, busy_now
             if self.registered:
                 await keeper.put(key, reading.to_json())
 

@@ -23,16 +23,16 @@ def test_quantile_of_nothing_is_zero_and_overflow_is_the_last_bound() -> None:
 
 def test_window_load_is_the_difference_of_two_readings() -> None:
     before = HistogramTotals(
-        at=100.0, count=50, errors=5, bounds=BOUNDS, buckets=(10, 20, 20, 0, 0)
+        at=100.0, count=50, errors=5, sum_ms=150.0, bounds=BOUNDS, buckets=(10, 20, 20, 0, 0)
     )
     after = HistogramTotals(
-        at=102.0, count=250, errors=25, bounds=BOUNDS, buckets=(10, 20, 220, 0, 0)
+        at=102.0, count=250, errors=25, sum_ms=6150.0, bounds=BOUNDS, buckets=(10, 20, 220, 0, 0)
     )
-    reading = window_load(before, after, inflight=3, wall=1234.5)
+    reading = window_load(before, after, busy_s=6.0, wall=1234.5)
     assert reading.window_s == 2.0
     assert reading.rps == 100.0
     assert reading.error_rate == 0.1
-    assert reading.inflight == 3
+    assert reading.inflight == 3.0  # 6 call-seconds in 2 s
     assert 2.0 < reading.p50_ms < 5.0
     assert reading.p99_ms == pytest.approx(2.0 + 3.0 * 198 / 200)
 
@@ -40,13 +40,13 @@ def test_window_load_is_the_difference_of_two_readings() -> None:
 def test_window_load_after_a_counter_reset_counts_from_zero() -> None:
     before = HistogramTotals(at=0.0, count=500, errors=0, bounds=BOUNDS, buckets=(500, 0, 0, 0, 0))
     after = HistogramTotals(at=1.0, count=10, errors=0, bounds=BOUNDS, buckets=(0, 10, 0, 0, 0))
-    reading = window_load(before, after, inflight=0, wall=1.0)
+    reading = window_load(before, after, busy_s=0.0, wall=1.0)
     assert reading.rps == 10.0
     assert 1.0 < reading.p50_ms <= 2.0
 
 
 def test_record_json_has_the_contract_fields() -> None:
-    reading = window_load(HistogramTotals(0.0), HistogramTotals(1.0), inflight=0, wall=5.0)
+    reading = window_load(HistogramTotals(0.0), HistogramTotals(1.0), busy_s=0.0, wall=5.0)
     import json
 
     assert set(json.loads(reading.to_json())) == {
