@@ -35,11 +35,15 @@ class DemoService(demo_pb2_grpc.DemoServicer):
             if request.delay_ms:
                 await asyncio.sleep(request.delay_ms / 1000)
             self.served += 1
-            # Echo an "x-echo" request header back as trailing metadata, so tests
-            # can see metadata pass through the mesh both ways.
-            for key, value in context.invocation_metadata():
-                if key == "x-echo":
-                    context.set_trailing_metadata((("x-echo", value),))
+            # Echo "x-echo" and "traceparent" request headers back as trailing
+            # metadata, so tests can see metadata pass through the mesh both ways.
+            echoed = tuple(
+                (f"x-{key}" if key == "traceparent" else key, value)
+                for key, value in context.invocation_metadata()
+                if key in ("x-echo", "traceparent")
+            )
+            if echoed:
+                context.set_trailing_metadata(echoed)
             return demo_pb2.EchoReply(
                 text=request.text, instance=self.instance, served=self.served, inflight=inflight
             )

@@ -81,7 +81,12 @@ class LocalMesh:
                 return name
 
     def add(
-        self, service: str, name: str | None = None, *extra: str, wait: bool = True
+        self,
+        service: str,
+        name: str | None = None,
+        *extra: str,
+        wait: bool = True,
+        env: dict[str, str] | None = None,
     ) -> Instance:
         """Start a demo app and its sidecar; by default wait until it is registered."""
         name = name or self.next_name(service)
@@ -91,7 +96,7 @@ class LocalMesh:
         side = sidecar(
             service, f"127.0.0.1:{port}", self.etcd_url,
             "--prefix", self.prefix, "--instance-id", name, *extra,
-            name=f"sidecar {name}", stderr=self._log(f"sidecar-{name}"),
+            name=f"sidecar {name}", stderr=self._log(f"sidecar-{name}"), env=env,
         )  # fmt: skip
         self.children.append(side)
         info = side.wait_event("registered" if wait else "listening")

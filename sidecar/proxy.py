@@ -19,11 +19,13 @@ from time import perf_counter
 from typing import Any, Protocol
 
 import grpc
+from opentelemetry.trace import Span
 
 from sidecar.replay import RequestReplay
 from sidecar.retry import ATTEMPTS_HEADER, Outcome, RetryBudget, RetryPolicy, classify
 from sidecar.stats import DataPlaneStats
 from sidecar.telemetry import CallRecorder
+from sidecar.tracing import HopTracer
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +285,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         self.stats = stats or DataPlaneStats()
         self._rng = rng or random.Random()
         self.recorder = recorder
+        self.tracing: HopTracer | None = None
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
@@ -305,20 +308,25 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 
     async def _begin(
         self, method: str, context: grpc.aio.ServicerContext
-    ) -> tuple[Attempts, Metadata]:
+    ) -> tuple[Attempts, Metadata, Span | None]:
         metadata = split_metadata(context.invocation_metadata())
+        span = None
+        if self.tracing is not None:
+            span, metadata = self.tracing.begin(method, metadata)
         self.stats.calls += 1
         try:
             plan = self._director.plan(method, metadata)
         except CallRejected as exc:
             self.stats.failed_calls += 1
+            if span is not None:
+                HopTracer.end(span, exc.code)
             await context.abort(exc.code, exc.details)
         if self._budget is not None:
             self._budget.active += 1
         attempts = Attempts(
             plan, self._retry, self._budget, self.stats, self._rng, context.time_remaining()
         )
-        return attempts, metadata
+        return attempts, metadata, span
 
     async def _fail(
         self,
@@ -340,10 +348,14 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             code, details = error.code(), error.details() or ""
         await context.abort(code, details, trailing)
 
-    def _observe(self, method: str, context: grpc.aio.ServicerContext, started: float) -> None:
+    def _observe(
+        self, method: str, context: grpc.aio.ServicerContext, started: float, span: Span | None
+    ) -> None:
+        code = context.code() or grpc.StatusCode.OK
         if self.recorder is not None:
-            code = context.code() or grpc.StatusCode.OK
             self.recorder.record(method, code, (perf_counter() - started) * 1000.0)
+        if span is not None:
+            HopTracer.end(span, code)
 
     def _attempts_md(self, attempts: Attempts) -> Metadata:
         if self._retry is None:
@@ -363,8 +375,9 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
             started = perf_counter()
             attempts: Attempts | None = None
+            span: Span | None = None
             try:
-                attempts, metadata = await self._begin(method, context)
+                attempts, metadata, span = await self._begin(method, context)
                 target = attempts.first()
                 error: grpc.aio.AioRpcError | None = None
                 outcome = Outcome.NEVER_SENT
@@ -398,7 +411,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             finally:
                 if attempts is not None:
                     attempts.release()
-                self._observe(method, context, started)
+                self._observe(method, context, started, span)
 
         return forward
 
@@ -411,9 +424,10 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         ) -> AsyncIterator[bytes]:
             started = perf_counter()
             attempts: Attempts | None = None
+            span: Span | None = None
             replay = RequestReplay(request_iterator, limit=limit)
             try:
-                attempts, metadata = await self._begin(method, context)
+                attempts, metadata, span = await self._begin(method, context)
                 target = attempts.first()
                 error: grpc.aio.AioRpcError | None = None
                 outcome = Outcome.NEVER_SENT
@@ -459,7 +473,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 replay.close()
                 if attempts is not None:
                     attempts.release()
-                self._observe(method, context, started)
+                self._observe(method, context, started, span)
 
         return forward
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.trace import SpanKind
 
 from registry.errors import ConfigError
 from registry.etcd import EtcdClient
@@ -34,6 +35,7 @@ from sidecar.retry import RetryPolicy
 from sidecar.routing import RoutingTable
 from sidecar.stats import DataPlaneStats
 from sidecar.telemetry import DataPlaneMetrics
+from sidecar.tracing import HopTracer
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,10 @@ class Sidecar:
         metrics = DataPlaneMetrics(meter, self.stats, inflight=self._inflight_by_direction)
         self._in_handler.recorder = metrics.server
         self._out_handler.recorder = metrics.client
+        if telemetry.tracer_provider is not None:
+            tracer = telemetry.tracer_provider.get_tracer("ringmesh.sidecar", VERSION)
+            self._in_handler.tracing = HopTracer(tracer, kind=SpanKind.SERVER)
+            self._out_handler.tracing = HopTracer(tracer, kind=SpanKind.CLIENT)
         return telemetry
 
     def _inflight_by_direction(self) -> dict[str, int]:
