@@ -197,7 +197,7 @@ def test_noise_within_the_tolerance_changes_nothing(mesh: Mesh, scalers: Scalers
         wait_for(lambda: target(mesh, "echo") is not None, 5, "a target")
         first = target(mesh, "echo")
         seen = set()
-        end = time.monotonic() + 20
+        end = time.monotonic() + 60  # a minute of noise
         while time.monotonic() < end:
             t = target(mesh, "echo")
             assert t is not None
