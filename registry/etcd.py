@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
-import socket
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import aetcd
 import aetcd.exceptions as aetcd_errors
@@ -24,12 +21,12 @@ import aetcd.utils
 import aetcd.watcher
 import grpc
 
-from registry.errors import ConfigError, EtcdError, EtcdUnavailable, RevisionCompacted
+from registry.errors import EtcdError, EtcdUnavailable, RevisionCompacted
+from registry.etcd_config import DEFAULT_ETCD, EtcdConfig
 from registry.lifecycle import AsyncClosing
 
 T = TypeVar("T")
-
-DEFAULT_ETCD = "http://127.0.0.1:2379"
+__all__ = ["DEFAULT_ETCD", "EtcdClient", "EtcdConfig", "KeyValue", "WatchEvent"]
 
 # Reconnect quickly after etcd comes back (gRPC's default backoff grows to 120 s),
 # and notice a dead TCP connection under a silent watch.
@@ -43,86 +40,6 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.http2.max_pings_without_data": 0,
     "grpc.enable_retries": 0,
 }
-
-
-@dataclass(frozen=True)
-class EtcdConfig:
-    """Where etcd is and how to authenticate; built once from flags."""
-
-    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
-    timeout: float = 3.0
-    tls: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    user: str | None = None
-    password: str | None = None
-
-    @classmethod
-    def from_urls(cls, urls: str, **options: Any) -> EtcdConfig:
-        """Parse ``http://a:2379,https://b:2379``; https (or a CA file) turns TLS on."""
-        endpoints: list[str] = []
-        schemes: set[str] = set()
-        for url in (u.strip() for u in urls.split(",")):
-            if not url:
-                continue
-            if "://" not in url:
-                url = "http://" + url
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(f"invalid etcd endpoint {url!r}: expected http(s)://HOST:PORT")
-            try:
-                port = 2379 if parts.port is None else parts.port
-            except ValueError as exc:
-                raise ConfigError(f"invalid etcd endpoint {url!r}: {exc}") from exc
-            if port == 0:
-                raise ConfigError(f"invalid etcd endpoint {url!r}: port 0")
-            host = parts.hostname
-            endpoints.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
-            schemes.add(parts.scheme)
-        if not endpoints:
-            raise ConfigError("no etcd endpoint given")
-        if len(schemes) > 1:
-            raise ConfigError("etcd endpoints mix http and https")
-        tls = "https" in schemes or any(options.get(k) for k in ("ca_file", "cert_file"))
-        config = cls(endpoints=tuple(endpoints), tls=tls, **options)
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        if (self.user is None) != (self.password is None):
-            raise ConfigError("etcd user and password must be given together")
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ConfigError("etcd client certificate and key must be given together")
-        for path in (self.ca_file, self.cert_file, self.key_file):
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"etcd TLS file not found: {path}")
-
-    def grpc_target(self) -> str:
-        """One gRPC target for all endpoints: ``ipv4:a:p,b:p`` lets gRPC fail over."""
-        if len(self.endpoints) == 1:
-            return self.endpoints[0]
-        resolved = [_resolve(endpoint) for endpoint in self.endpoints]
-        families = {family for family, _ in resolved}
-        if len(families) > 1:
-            raise ConfigError("etcd endpoints mix IPv4 and IPv6 addresses")
-        return f"{families.pop()}:" + ",".join(address for _, address in resolved)
-
-
-def _resolve(endpoint: str) -> tuple[str, str]:
-    host, _, port = endpoint.rpartition(":")
-    host = host.strip("[]")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        try:
-            info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ConfigError(f"cannot resolve etcd endpoint {endpoint!r}: {exc}") from exc
-        ip = ipaddress.ip_address(info[0][4][0])
-    if ip.version == 6:
-        return "ipv6", f"[{ip}]:{port}"
-    return "ipv4", f"{ip}:{port}"
 
 
 @dataclass(frozen=True)

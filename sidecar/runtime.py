@@ -23,6 +23,7 @@ from registry.lease import LeaseKeeper
 from registry.records import DRAINING, InstanceRecord
 from registry.topology import Topology, TopologyWatch
 from sidecar.admin import AdminServer
+from sidecar.channels import SERVER_OPTIONS, ChannelPool
 from sidecar.config import SidecarConfig, join_hostport, split_hostport
 from sidecar.discovery import AppSurface, discover, wait_reachable
 from sidecar.ejection import Ejector
@@ -30,7 +31,7 @@ from sidecar.inbound import InboundDirector
 from sidecar.load import window_load
 from sidecar.otel import TelemetryPipeline, build_pipeline
 from sidecar.outbound import OutboundDirector
-from sidecar.proxy import SERVER_OPTIONS, ChannelPool, ProxyHandler
+from sidecar.proxy import ProxyHandler
 from sidecar.retry import RetryPolicy
 from sidecar.routing import RoutingTable
 from sidecar.stats import DataPlaneStats

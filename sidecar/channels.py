@@ -1,0 +1,104 @@
+"""ChannelPool: one long-lived gRPC channel per upstream address, and its multicallables.
+
+Built once and reused: creating channels or multicallables per call is the
+kind of per-call work a proxy hop cannot afford.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection
+from typing import Any
+
+import grpc
+
+CHANNEL_OPTIONS = [
+    ("grpc.enable_retries", 0),  # ringmesh decides about retries, not the channel
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 5000),
+]
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),  # a sidecar must own its port (FIELD-NOTES.md)
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+_READY = grpc.ChannelConnectivity.READY
+_CONNECTING = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
+
+
+class ChannelPool:
+    """One long-lived channel per upstream address, and its multicallables."""
+
+    def __init__(self, *, options: list[tuple[str, Any]] | None = None) -> None:
+        self._options = options or CHANNEL_OPTIONS
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._unary: dict[tuple[str, str], Callable[..., Any]] = {}
+        self._stream: dict[tuple[str, str], Callable[..., Any]] = {}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = grpc.aio.insecure_channel(address, options=self._options)
+            self._channels[address] = channel
+        return channel
+
+    def unary(self, address: str, method: str) -> Callable[..., Any]:
+        key = (address, method)
+        call = self._unary.get(key)
+        if call is None:
+            call = self.channel(address).unary_unary(method)
+            self._unary[key] = call
+        return call
+
+    def stream(self, address: str, method: str) -> Callable[..., Any]:
+        key = (address, method)
+        call = self._stream.get(key)
+        if call is None:
+            call = self.channel(address).stream_stream(method)
+            self._stream[key] = call
+        return call
+
+    async def ensure_connected(self, address: str, wait: float) -> bool:
+        """True once the channel is READY; False if it is not within ``wait`` seconds.
+
+        gRPC would otherwise hold a call to a peer that accepts TCP but never
+        speaks HTTP/2 until the caller's deadline, leaving no time to fail over.
+        """
+        channel = self.channel(address)
+        state = channel.get_state(try_to_connect=True)
+        if state is _READY:
+            return True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        # TRANSIENT_FAILURE: the last connect failed (refused, unreachable); fail
+        # fast so the call moves on. IDLE/CONNECTING: wait, but not forever.
+        while state in _CONNECTING:
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            try:
+                await asyncio.wait_for(channel.wait_for_state_change(state), left)
+            except TimeoutError:
+                return False
+            state = channel.get_state(try_to_connect=True)
+        return state is _READY
+
+    async def retain(self, addresses: Collection[str]) -> None:
+        """Close channels to addresses that are gone from the topology."""
+        for address in [a for a in self._channels if a not in addresses]:
+            channel = self._channels.pop(address)
+            self._unary = {k: v for k, v in self._unary.items() if k[0] != address}
+            self._stream = {k: v for k, v in self._stream.items() if k[0] != address}
+            await channel.close(grace=5.0)
+
+    async def aclose(self) -> None:
+        channels, self._channels = self._channels, {}
+        self._unary.clear()
+        self._stream.clear()
+        for channel in channels.values():
+            await channel.close()
