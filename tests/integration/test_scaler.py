@@ -191,7 +191,7 @@ def test_noise_within_the_tolerance_changes_nothing(mesh: Mesh, scalers: Scalers
     # 8 callers over 2 instances = 4 in flight each; target 4 with a 0.25 tolerance.
     set_policy(mesh, "echo", "--min", "1", "--max", "8", "--metric", "inflight", "--target", "4",
                "--tolerance", "0.25", "--scale-down-window", "0")  # fmt: skip
-    with Load(client.outbound, callers=8, idempotent=True, delay_ms=200, keys=400):
+    with Load(client.outbound, callers=8, idempotent=True, delay_ms=200, keys=400, max_seconds=120):
         time.sleep(2)
         scalers.start("scaler-a", "--interval", "0.5")
         wait_for(lambda: target(mesh, "echo") is not None, 5, "a target")
