@@ -24,6 +24,7 @@ from registry.errors import (
     ConfigError,
     EtcdError,
     EtcdUnavailable,
+    MeshError,
     NotLeader,
 )
 from registry.etcd import EtcdClient, EtcdConfig, KeyValue
@@ -198,7 +199,11 @@ class Scaler:
                 await election.put_fenced(layout.target(service), target.to_json(), term=term)
                 log.info("%s: target %d (%s)", service, replicas, reason)
                 written[service] = target
-            await self.actuator.apply(service, replicas)
+            try:
+                await self.actuator.apply(service, replicas)
+            except (MeshError, OSError) as exc:
+                # One service's actuator failing must not stop the others' scaling.
+                log.warning("%s: actuator could not reach %d replicas: %s", service, replicas, exc)
         return written
 
     def _current(self, service: str, target: Target | None, serving: int) -> int:

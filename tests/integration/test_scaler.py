@@ -257,3 +257,21 @@ def test_topology_shows_target_live_and_leader(
     text = capsys.readouterr().out
     assert "echo: 1 live, target 2" in text
     assert "scaler leader scaler-a" in text
+
+
+def test_an_actuator_failure_does_not_stop_the_scaler(mesh: Mesh, scalers: Scalers) -> None:
+    set_policy(mesh, "ghost", "--min", "1", "--max", "2", "--metric", "rps", "--target", "10")
+    set_policy(mesh, "other", "--min", "2", "--max", "3", "--metric", "rps", "--target", "10")
+    scaler = scalers.start("scaler-a", "--interval", "0.3", "--actuator", "local",
+                           "--command", "ghost=/nonexistent/bin/instance --index {index}")  # fmt: skip
+    scaler.wait_event("leading", timeout=10)
+    # 'ghost' cannot start (no such binary), 'other' has no command template: both
+    # targets are still decided and written, and the scaler keeps running.
+    wait_for(
+        lambda: target(mesh, "ghost") is not None and target(mesh, "other") is not None,
+        5,
+        "both targets",
+    )
+    time.sleep(1)
+    assert scaler.alive()
+    assert (target(mesh, "ghost").replicas, target(mesh, "other").replicas) == (1, 2)  # type: ignore[union-attr]
