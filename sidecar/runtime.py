@@ -116,7 +116,9 @@ class Sidecar:
         self.outbound.set_table(table)
         if table.unary_methods != old.unary_methods:
             self._out_handler.forget_handlers()
-        addresses = {p.address for ring in table.rings.values() for p in ring.peers.values()}
+        # Keep channels to draining instances too: calls may still be in flight there.
+        registered = self._latest.services.values()
+        addresses = {entry.record.address for ids in registered for entry in ids.values()}
         self._spawn(self._out_pool.retain(addresses))
 
     def _spawn(self, coro: Any) -> None:
