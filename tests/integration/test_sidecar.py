@@ -317,7 +317,9 @@ def test_up_runs_a_local_mesh_and_stops_cleanly() -> None:
     assert result.stdout.count("-> demo-") == 5
 
 
-def test_sigterm_finishes_in_flight_calls(mesh: Mesh) -> None:
+@pytest.mark.parametrize("delay_ms", [1500, 7000])
+def test_sigterm_finishes_in_flight_calls(mesh: Mesh, delay_ms: int) -> None:
+    """Short calls, and calls longer than a channel's close grace (5 s) within --drain-grace."""
     echo = mesh.add("echo")
     client = mesh.add("client")
     with mesh.channel(client.outbound) as channel, ThreadPoolExecutor(4) as pool:
@@ -325,9 +327,9 @@ def test_sigterm_finishes_in_flight_calls(mesh: Mesh) -> None:
         slow = [
             pool.submit(
                 stub.Echo,
-                demo_pb2.EchoRequest(text=str(i), delay_ms=1500),
+                demo_pb2.EchoRequest(text=str(i), delay_ms=delay_ms),
                 metadata=keyed(f"s{i}"),
-                timeout=10,
+                timeout=12,
             )
             for i in range(4)
         ]
