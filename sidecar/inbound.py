@@ -57,7 +57,10 @@ class InboundDirector:
 
     def finished(self, target: Target, outcome: Outcome | None) -> None:
         self._count(-1)
-        up = outcome is not Outcome.NEVER_SENT
+        self.note_app(up=outcome is not Outcome.NEVER_SENT)
+
+    def note_app(self, *, up: bool) -> None:
+        """What a call or a probe learnt about the app; the owner hears of each change."""
         if up != self.app_up:
             self.app_up = up
             self._on_app_state(up)

@@ -185,6 +185,7 @@ class Sidecar:
             tasks = [
                 asyncio.create_task(watch.run(), name="topology-watch"),
                 asyncio.create_task(self._probe_ejected(), name="probe-ejected"),
+                asyncio.create_task(self._probe_app(), name="probe-app"),
                 asyncio.create_task(self._report_load(keeper, telemetry, instance_id), name="load"),
                 asyncio.create_task(
                     self._register(keeper, instance_id, address, ports), name="register"
@@ -334,6 +335,16 @@ class Sidecar:
                             "%s/%s passed its health probe: back in rotation", service, peer_id
                         )
                         ejector.probe_passed(peer_id)
+
+    async def _probe_app(self) -> None:
+        """While the app is unreachable, try it every second: a restarted app is back in
+        rotation as soon as it accepts connections (peers' probes then see SERVING)."""
+        while True:
+            await asyncio.sleep(_PROBE_INTERVAL)
+            if not self.inbound.app_up and await self._in_pool.ensure_connected(
+                self.config.app, _PROBE_TIMEOUT
+            ):
+                self.inbound.note_app(up=True)
 
     async def _probe(self, address: str) -> bool:
         stub = health_pb2_grpc.HealthStub(self._out_pool.channel(address))

@@ -16,6 +16,7 @@ import pytest
 from proto import demo_pb2
 from registry.etcd import EtcdClient, EtcdConfig
 from registry.records import InstanceRecord
+from ringmesh.procs import Child, python_module
 from sidecar.routing import RoutingTable
 from tests.load import Load
 from tests.mesh import Instance, Mesh
@@ -260,3 +261,41 @@ def test_streaming_calls_are_retried_before_their_first_response(mesh: Mesh, kin
             ]
             trailing = chat.trailing_metadata()
     assert ("ringmesh-attempts", "2") in tuple(trailing)
+
+
+def test_a_restarted_app_is_back_in_rotation_within_seconds(mesh: Mesh) -> None:
+    echoes, client = three_and_a_client(mesh)
+    victim = victim_with_keys(mesh, echoes)
+    table = RoutingTable.build(mesh.topology())
+    key = next(
+        f"key-{i}" for i in range(200) if table.route("echo", f"key-{i}")[0].id == victim.name
+    )
+    md = (("ringmesh-service", "echo"), ("ringmesh-hash-key", key))
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        victim.app.kill()
+        assert (
+            stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=md, timeout=5).instance
+            != victim.name
+        )
+        # The same app comes back on the same port; its sidecar never went away.
+        app = Child(
+            "app again",
+            python_module(
+                "ringmesh.demo", "--port", str(victim.app_port), "--instance", victim.name
+            ),
+        )
+        mesh.children.append(app)
+        app.wait_event("listening")
+        back = wait_for_instance(stub, md, victim.name, within=5.0)
+    assert back < 5.0
+
+
+def wait_for_instance(
+    stub: Any, md: tuple[tuple[str, str], ...], name: str, *, within: float
+) -> float:
+    start = time.monotonic()
+    while stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=md, timeout=5).instance != name:
+        assert time.monotonic() - start < within, f"{name} not routed to again within {within} s"
+        time.sleep(0.1)
+    return time.monotonic() - start
