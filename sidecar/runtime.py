@@ -151,9 +151,13 @@ class Sidecar:
         inbound, inbound_port = await self._start_server(
             config.inbound, self._in_handler, with_health=True
         )
-        outbound, outbound_port = await self._start_server(
-            config.outbound, self._out_handler, with_health=False
-        )
+        try:
+            outbound, outbound_port = await self._start_server(
+                config.outbound, self._out_handler, with_health=False
+            )
+        except BaseException:
+            await inbound.stop(0)  # a server left to the garbage collector outlives the loop
+            raise
         instance_id = config.instance_id or config.default_instance_id(inbound_port)
         telemetry = self._start_telemetry(instance_id)
         admin_host, admin_port = split_hostport(config.admin, what="--admin address")
@@ -167,6 +171,8 @@ class Sidecar:
         try:
             await admin.start()
         except OSError as exc:
+            await asyncio.gather(inbound.stop(0), outbound.stop(0))
+            telemetry.shutdown()
             raise ConfigError(f"cannot listen on --admin {config.admin}: {exc}") from exc
         address = config.advertised(inbound_port)
         ports = {

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -362,3 +363,24 @@ def test_topology_watch_prints_each_change(mesh: Mesh) -> None:
         guard.cancel()
         watcher.terminate()
         watcher.wait(timeout=10)
+
+
+@pytest.mark.parametrize("flag", ["--outbound", "--inbound", "--admin"])
+def test_a_port_in_use_is_a_clear_usage_error(flag: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = {"--outbound": "127.0.0.1:0", "--inbound": "127.0.0.1:0", "--admin": "127.0.0.1:0"}
+        ports[flag] = f"127.0.0.1:{port}"
+        args = [arg for pair in ports.items() for arg in pair]
+        done = subprocess.run(
+            [sys.executable, "-m", "ringmesh", "sidecar", "--service", "echo", "--app", "127.0.0.1:1",
+             "--etcd", "http://127.0.0.1:1", *args],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    assert done.returncode == 2
+    assert (
+        f"cannot listen on {'--admin ' if flag == '--admin' else ''}127.0.0.1:{port}" in done.stderr
+    )
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
