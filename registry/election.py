@@ -31,11 +31,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
+from registry.candidacy import Candidate, LeaseBudget, Standing, election_prefix, queue, standing
 from registry.errors import EtcdError, EtcdUnavailable, MeshError, NotLeader, RevisionCompacted
-from registry.etcd import EtcdClient, KeyValue
+from registry.etcd import EtcdClient
 from registry.keys import KeyLayout, validate_instance_id
 from registry.lease import Clock, Sleep
 from registry.lifecycle import AsyncClosing
@@ -43,90 +42,16 @@ from registry.outage import OutageLog
 
 log = logging.getLogger(__name__)
 
-
-def election_prefix(layout: KeyLayout, name: str = "scaler") -> str:
-    """``<prefix>/election/<name>/``: every candidate's key is directly under it."""
-    return layout.election(name)
-
-
-# --- the pure core: the queue of candidates, and how long a lease can be trusted -------
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One key under the election prefix; ``term`` is its create revision."""
-
-    id: str
-    key: str
-    term: int
-    lease: int
-
-    @classmethod
-    def from_kv(cls, kv: KeyValue) -> Candidate:
-        return cls(kv.value.decode(errors="replace"), kv.key, kv.create_revision, kv.lease)
-
-
-def queue(kvs: Iterable[KeyValue]) -> list[Candidate]:
-    """The candidates in election order: lowest create revision (the leader) first."""
-    return sorted((Candidate.from_kv(kv) for kv in kvs), key=lambda c: c.term)
-
-
-@dataclass(frozen=True)
-class Standing:
-    """Where one candidate stands: ``ahead`` is the key it waits on, None if it leads."""
-
-    ahead: Candidate | None
-
-    @property
-    def leading(self) -> bool:
-        return self.ahead is None
-
-
-def standing(candidates: Sequence[Candidate], key: str, term: int) -> Standing | None:
-    """Our place in ``candidates``; None when our key (with this create revision) is gone."""
-    if not any(c.key == key and c.term == term for c in candidates):
-        return None
-    earlier = [c for c in candidates if c.term < term]
-    return Standing(max(earlier, key=lambda c: c.term) if earlier else None)
-
-
-@dataclass
-class LeaseBudget:
-    """Until when, by our clock, the lease is surely alive in etcd (less a safety margin).
-
-    etcd restarts a lease's TTL when it handles a refresh, which is after we sent it:
-    counting from the send time never overestimates.
-    """
-
-    ttl: int
-    margin: float
-    valid_until: float = float("-inf")
-
-    def __post_init__(self) -> None:
-        if self.ttl < 2:
-            raise MeshError(f"lease TTL must be at least 2 s, got {self.ttl}")
-        if not 0 <= self.margin < self.ttl:
-            raise MeshError(f"safety margin must be in [0, {self.ttl}) s, got {self.margin}")
-
-    @property
-    def span(self) -> float:
-        """How long one successful refresh keeps us trusting the lease."""
-        return self.ttl - self.margin
-
-    @property
-    def refresh_interval(self) -> float:
-        """Refresh often enough that two refreshes may fail before the budget runs out."""
-        return self.span / 3
-
-    def renewed(self, sent_at: float, ttl: int) -> None:
-        """A grant or refresh sent at ``sent_at`` succeeded with ``ttl`` seconds."""
-        self.valid_until = max(self.valid_until, sent_at + min(ttl, self.ttl) - self.margin)
-
-    def valid(self, now: float) -> bool:
-        return now < self.valid_until
-
-    def left(self, now: float) -> float:
-        return self.valid_until - now
+__all__ = [
+    "Candidate",
+    "Election",
+    "LeaseBudget",
+    "Standing",
+    "election_prefix",
+    "queue",
+    "read_leader",
+    "standing",
+]
 
 
 async def read_leader(

@@ -62,18 +62,19 @@ def assert_busy(load: Load, moment: float, victim: Instance) -> None:
     assert any(r.started > moment + 0.5 and r.ok for r in load.results)
 
 
+def sigkill(victim: Instance, what: str) -> None:
+    victim.app.kill()
+    if what == "app-and-sidecar":
+        victim.sidecar.kill()
+
+
 @pytest.mark.parametrize("what", ["app", "app-and-sidecar"])
 def test_sigkill_loses_no_idempotent_call(mesh: Mesh, what: str) -> None:
     echoes, client = three_and_a_client(mesh)
     victim = victim_with_keys(mesh, echoes)
 
-    def kill() -> None:
-        victim.app.kill()
-        if what == "app-and-sidecar":
-            victim.sidecar.kill()
-
     load = Load(client.outbound, callers=4, idempotent=True)
-    moment = run_with(load, kill)
+    moment = run_with(load, lambda: sigkill(victim, what))
     assert load.failures() == []
     assert_busy(load, moment, victim)
     assert any(r.attempts > 1 for r in load.results), "some calls must have failed over"
@@ -86,13 +87,8 @@ def test_sigkill_fails_only_non_idempotent_calls_in_flight(mesh: Mesh, what: str
     echoes, client = three_and_a_client(mesh)
     victim = victim_with_keys(mesh, echoes)
 
-    def kill() -> None:
-        victim.app.kill()
-        if what == "app-and-sidecar":
-            victim.sidecar.kill()
-
     load = Load(client.outbound, callers=4, idempotent=False, delay_ms=20)
-    moment = run_with(load, kill)
+    moment = run_with(load, lambda: sigkill(victim, what))
     assert_busy(load, moment, victim)
     late = [r for r in load.failures() if r.started > moment]
     assert late == [], ([(r.code, r.details) for r in late], stats(client))
