@@ -23,7 +23,7 @@ from registry.scaling import (
     MODES,
     REACTIVE,
 )
-from ringmesh.options import EnvParser, add_etcd_options, etcd_config
+from ringmesh.options import EnvParser, add_etcd_options, etcd_config, otlp_endpoint
 
 log = logging.getLogger("ringmesh")
 
@@ -240,7 +240,7 @@ async def _sidecar(args: argparse.Namespace) -> int:
         drain_grace=args.drain_grace,
         idempotent=tuple(args.idempotent),
         report_interval=args.report_interval,
-        otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+        otlp_endpoint=otlp_endpoint(),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -1,6 +1,7 @@
 """Command-line options with environment fallbacks: every flag reads RINGMESH_<FLAG>.
 
-The environment is read here and nowhere else, once, while the parser is built.
+The environment is read here and nowhere else, once, while the parser is built
+(plus OpenTelemetry's OTEL_EXPORTER_OTLP_ENDPOINT, read once at start-up).
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ class _AppendOverridingDefault(argparse.Action):
         if current is self.default:
             current = []
         setattr(namespace, self.dest, [*(current or []), values])
+
+
+def otlp_endpoint(environ: Mapping[str, str] | None = None) -> str | None:
+    """OpenTelemetry's own variable (not a RINGMESH_ flag): where to export over OTLP."""
+    env = os.environ if environ is None else environ
+    return env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None
 
 
 def add_etcd_options(parser: EnvParser) -> None:

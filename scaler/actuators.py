@@ -122,11 +122,6 @@ class LocalActuator:
         stack = self._stacks.get(service)
         return None if stack is None else len(stack)
 
-    def adopt(self, service: str, handles: list[Any]) -> None:
-        """Take over instances started elsewhere (oldest first)."""
-        self._stacks.setdefault(service, []).extend(handles)
-        self._started[service] = self._started.get(service, 0) + len(handles)
-
     async def apply(self, service: str, replicas: int) -> None:
         async with self._lock:
             stack = self._stacks.setdefault(service, [])

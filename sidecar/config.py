@@ -50,7 +50,7 @@ class SidecarConfig:
     drain_grace: float = 10.0
     idempotent: tuple[str, ...] = ()
     report_interval: float = 1.0
-    otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT, read once by the CLI
+    otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT (ringmesh.options)
 
     def __post_init__(self) -> None:
         validate_service(self.service)

@@ -25,7 +25,6 @@ class HistogramTotals:
     at: float  # monotonic seconds
     count: int = 0
     errors: int = 0
-    sum_ms: float = 0.0  # total duration of the calls counted
     bounds: tuple[float, ...] = ()
     buckets: tuple[int, ...] = ()  # len(bounds) + 1, the last one is +Inf
 

@@ -47,7 +47,6 @@ class TelemetryPipeline:
         at = time.monotonic()
         data = self.reader.get_metrics_data()
         count = errors = 0
-        sum_ms = 0.0
         bounds: tuple[float, ...] = ()
         buckets: list[int] = []
         for resource in data.resource_metrics if data else ():
@@ -58,14 +57,13 @@ class TelemetryPipeline:
                     for point in metric.data.data_points:
                         assert isinstance(point, HistogramDataPoint)
                         count += point.count
-                        sum_ms += point.sum
                         if (point.attributes or {}).get("rpc.grpc.status_code", 0) != 0:
                             errors += point.count
                         bounds = tuple(point.explicit_bounds)
                         if not buckets:
                             buckets = [0] * len(point.bucket_counts)
                         buckets = [a + b for a, b in zip(buckets, point.bucket_counts, strict=True)]
-        return HistogramTotals(at, count, errors, sum_ms, bounds, tuple(buckets))
+        return HistogramTotals(at, count, errors, bounds, tuple(buckets))
 
     def shutdown(self) -> None:
         self.meter_provider.shutdown()

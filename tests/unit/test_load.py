@@ -23,10 +23,10 @@ def test_quantile_of_nothing_is_zero_and_overflow_is_the_last_bound() -> None:
 
 def test_window_load_is_the_difference_of_two_readings() -> None:
     before = HistogramTotals(
-        at=100.0, count=50, errors=5, sum_ms=150.0, bounds=BOUNDS, buckets=(10, 20, 20, 0, 0)
+        at=100.0, count=50, errors=5, bounds=BOUNDS, buckets=(10, 20, 20, 0, 0)
     )
     after = HistogramTotals(
-        at=102.0, count=250, errors=25, sum_ms=6150.0, bounds=BOUNDS, buckets=(10, 20, 220, 0, 0)
+        at=102.0, count=250, errors=25, bounds=BOUNDS, buckets=(10, 20, 220, 0, 0)
     )
     reading = window_load(before, after, busy_s=6.0, wall=1234.5)
     assert reading.window_s == 2.0
