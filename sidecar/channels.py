@@ -31,6 +31,10 @@ _READY = grpc.ChannelConnectivity.READY
 _CONNECTING = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
 
 
+class NotConnected(Exception):
+    """A peer's channel did not become READY in time: nothing was sent to it."""
+
+
 class ChannelPool:
     """One long-lived channel per upstream address, and its multicallables."""
 
@@ -63,8 +67,8 @@ class ChannelPool:
             self._stream[key] = call
         return call
 
-    async def ensure_connected(self, address: str, wait: float) -> bool:
-        """True once the channel is READY; False if it is not within ``wait`` seconds.
+    async def connect(self, address: str, wait: float) -> None:
+        """Return once the channel is READY; raise NotConnected if it is not within ``wait`` s.
 
         gRPC would otherwise hold a call to a peer that accepts TCP but never
         speaks HTTP/2 until the caller's deadline, leaving no time to fail over.
@@ -72,7 +76,7 @@ class ChannelPool:
         channel = self.channel(address)
         state = channel.get_state(try_to_connect=True)
         if state is _READY:
-            return True
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         # TRANSIENT_FAILURE: the last connect failed (refused, unreachable); fail
@@ -80,13 +84,23 @@ class ChannelPool:
         while state in _CONNECTING:
             left = deadline - loop.time()
             if left <= 0:
-                return False
+                raise NotConnected(f"{address} did not connect within {wait:.2f} s")
             try:
-                await asyncio.wait_for(channel.wait_for_state_change(state), left)
+                async with asyncio.timeout(left):
+                    await channel.wait_for_state_change(state)
             except TimeoutError:
-                return False
+                raise NotConnected(f"{address} did not connect within {wait:.2f} s") from None
             state = channel.get_state(try_to_connect=True)
-        return state is _READY
+        if state is not _READY:
+            raise NotConnected(f"cannot connect to {address} (its last connect attempt failed)")
+
+    async def ensure_connected(self, address: str, wait: float) -> bool:
+        """True once the channel is READY; False if it is not within ``wait`` seconds."""
+        try:
+            await self.connect(address, wait)
+        except NotConnected:
+            return False
+        return True
 
     async def retain(self, addresses: Collection[str]) -> None:
         """Close channels to addresses that are gone from the topology."""

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import grpc
 from opentelemetry.trace import Span
 
-from sidecar.channels import ChannelPool
+from sidecar.channels import ChannelPool, NotConnected
 from sidecar.replay import RequestReplay
 from sidecar.retry import ATTEMPTS_HEADER, Outcome, RetryBudget, RetryPolicy, classify
 from sidecar.stats import DataPlaneStats
@@ -82,19 +82,15 @@ def split_metadata(metadata: Any) -> Metadata:
     return tuple((m[0], m[1]) for m in metadata if m[0] not in _NOT_FORWARDED)
 
 
-class _NeverSent(Exception):
-    """The peer's channel did not connect in time: nothing was sent."""
-
-
 class Attempts:
     """One call's retry state: attempts made, deadline, budget, backoff."""
 
     __slots__ = (
         "_budget",
         "_deadline",
-        "_held",
         "_loop",
         "_policy",
+        "_retrying",
         "_rng",
         "_stats",
         "count",
@@ -118,7 +114,7 @@ class Attempts:
         self._rng = rng
         self._loop = asyncio.get_running_loop()
         self._deadline = None if remaining is None else self._loop.time() + remaining
-        self._held = 0
+        self._retrying = False
         self.count = 0
         self.target: Target | None = None
 
@@ -148,10 +144,20 @@ class Attempts:
         target = self.plan.next()
         if target is None:
             return None
-        if not budget.try_acquire():
-            self._stats.retry_budget_exhausted += 1
-            return None
-        self._held += 1
+        if not self._retrying:
+            # One slot per retrying call, kept until the call ends.
+            if not budget.try_acquire():
+                # Over the budget: wait for a slot, at most the backoff cap.
+                self._stats.retry_budget_waits += 1
+                left = self.timeout()
+                wait = policy.backoff_cap if left is None else min(policy.backoff_cap, left)
+                if not await budget.acquire(wait):
+                    self._stats.retry_budget_exhausted += 1
+                    return None
+            self._retrying = True
+            self._stats.retries_in_flight_peak = max(
+                self._stats.retries_in_flight_peak, budget.retrying
+            )
         delay = policy.backoff(
             self.count + 1,
             self._rng,
@@ -168,8 +174,8 @@ class Attempts:
 
     def release(self) -> None:
         if self._budget is not None:
-            self._budget.active -= 1
-            for _ in range(self._held):
+            self._budget.call_ended()
+            if self._retrying:
                 self._budget.release()
         self._stats.attempts += self.count
 
@@ -233,7 +239,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 HopTracer.end(span, exc.code)
             await context.abort(exc.code, exc.details)
         if self._budget is not None:
-            self._budget.active += 1
+            self._budget.call_started()
         attempts = Attempts(
             plan, self._retry, self._budget, self.stats, self._rng, context.time_remaining()
         )
@@ -245,13 +251,14 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         attempts: Attempts,
         error: grpc.aio.AioRpcError | None,
         outcome: Outcome,
+        unsent: str,
     ) -> None:
         self.stats.failed_calls += 1
         upstream = _forwardable(error.trailing_metadata()) if error is not None else ()
         trailing = upstream + self._director.failure_metadata(outcome) + self._attempts_md(attempts)
         if outcome in (Outcome.NEVER_SENT, Outcome.NOT_PROCESSED):
             # The mesh could not deliver the call: say so, naming the service.
-            last = error.details() if error is not None else "connect timed out"
+            last = error.details() if error is not None else unsent or "nothing to try"
             code = grpc.StatusCode.UNAVAILABLE
             details = f"no instance of {attempts.plan.service} could take the call after {attempts.count} attempt(s): {last}"
         else:
@@ -291,12 +298,11 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 attempts, metadata, span = await self._begin(method, context)
                 target = attempts.first()
                 error: grpc.aio.AioRpcError | None = None
-                outcome = Outcome.NEVER_SENT
+                outcome, unsent = Outcome.NEVER_SENT, ""
                 while target is not None:
                     director.started(target)
                     try:
-                        if not await pool.ensure_connected(target.address, attempts.connect_wait()):
-                            raise _NeverSent
+                        await pool.connect(target.address, attempts.connect_wait())
                         call = pool.unary(target.address, method)(
                             request, timeout=attempts.timeout(), metadata=metadata
                         )
@@ -308,8 +314,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                                 exc.code(), exc.details() or "", exc.trailing_metadata() or ()
                             ),
                         )
-                    except _NeverSent:
-                        error, outcome = None, Outcome.NEVER_SENT
+                    except NotConnected as exc:
+                        error, outcome, unsent = None, Outcome.NEVER_SENT, str(exc)
                     else:
                         director.finished(target, None)
                         trailing = await call.trailing_metadata()
@@ -317,7 +323,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                         return response
                     director.finished(target, outcome)
                     target = await attempts.retry(outcome)
-                await self._fail(context, attempts, error, outcome)
+                await self._fail(context, attempts, error, outcome, unsent)
                 raise AssertionError("unreachable")
             finally:
                 if attempts is not None:
@@ -341,13 +347,12 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 attempts, metadata, span = await self._begin(method, context)
                 target = attempts.first()
                 error: grpc.aio.AioRpcError | None = None
-                outcome = Outcome.NEVER_SENT
+                outcome, unsent = Outcome.NEVER_SENT, ""
                 while target is not None:
                     director.started(target)
                     committed = False
                     try:
-                        if not await pool.ensure_connected(target.address, attempts.connect_wait()):
-                            raise _NeverSent
+                        await pool.connect(target.address, attempts.connect_wait())
                         call = pool.stream(target.address, method)(
                             replay.attempt(), timeout=attempts.timeout(), metadata=metadata
                         )
@@ -369,8 +374,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                             and not committed
                         ):
                             outcome = Outcome.NEVER_SENT
-                    except _NeverSent:
-                        error, outcome = None, Outcome.NEVER_SENT
+                    except NotConnected as exc:
+                        error, outcome, unsent = None, Outcome.NEVER_SENT, str(exc)
                     else:
                         director.finished(target, None)
                         self._set_trailing(context, await call.trailing_metadata(), attempts)
@@ -379,7 +384,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                     if committed or not replay.replayable:
                         break
                     target = await attempts.retry(outcome)
-                await self._fail(context, attempts, error, outcome)
+                await self._fail(context, attempts, error, outcome, unsent)
             finally:
                 replay.close()
                 if attempts is not None:

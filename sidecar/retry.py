@@ -1,20 +1,22 @@
-"""Retry decisions (pure): when a failed attempt may be sent again, and when to wait.
+"""Retry decisions: when a failed attempt may be sent again, and when to wait.
 
 A call is retried on the next ring instance when it provably never reached
 the app (connect failure, refused stream, ``ringmesh-not-processed``); any
 other UNAVAILABLE only for idempotent methods. At most 3 attempts, never past
 the caller's deadline, full-jitter backoff (25 ms base, 250 ms cap) except
 before the first hop to a different instance, and a retry budget of 20% of
-active calls (at least 3 concurrent retries) so a dying cluster is not
-hammered.
+active calls (at least 3 retrying calls at once; a retry over it waits its
+turn for at most the backoff cap) so a dying cluster is not hammered.
 """
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import fnmatch
 import random
 import re
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -94,19 +96,68 @@ class RetryPolicy:
 
 
 class RetryBudget:
-    """Retries in flight may not exceed max(budget_min, budget_ratio x active calls)."""
+    """Retries in flight may not exceed max(budget_min, budget_ratio x active calls).
+
+    A retry over the budget waits its turn (first come, first served) for a
+    bounded time instead of failing at once: the instance that just died had
+    every caller's call in flight, so its callers all retry at the same
+    instant, and turning the fourth one away would fail a call that a moment
+    later had somewhere to go. Waiting costs the peers nothing, so the cap on
+    concurrent retries still protects a dying cluster.
+    """
 
     def __init__(self, policy: RetryPolicy) -> None:
         self._ratio = policy.budget_ratio
         self._min = policy.budget_min
         self.active = 0
         self.retrying = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def limit(self) -> int:
+        return max(self._min, int(self._ratio * self.active))
+
+    def call_started(self) -> None:
+        self.active += 1
+        self._hand_over()
+
+    def call_ended(self) -> None:
+        self.active -= 1
 
     def try_acquire(self) -> bool:
-        if self.retrying >= max(self._min, int(self._ratio * self.active)):
+        if self._waiters or self.retrying >= self.limit():
             return False
         self.retrying += 1
         return True
 
+    async def acquire(self, wait: float) -> bool:
+        """Take a retry slot, waiting at most ``wait`` seconds for one to free."""
+        if self.try_acquire():
+            return True
+        if wait <= 0:
+            return False
+        turn = asyncio.get_running_loop().create_future()
+        self._waiters.append(turn)
+        try:
+            async with asyncio.timeout(wait):
+                await asyncio.shield(turn)  # a timeout must not cancel the turn itself
+        except TimeoutError:
+            pass
+        except BaseException:  # the call was cancelled while waiting
+            if turn.done():
+                self.release()
+            raise
+        finally:
+            if not turn.done():
+                turn.cancel()
+                self._waiters.remove(turn)
+        # The slot may have been handed over just as the wait ran out: keep it.
+        return not turn.cancelled()
+
     def release(self) -> None:
         self.retrying -= 1
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        while self._waiters and self.retrying < self.limit():
+            self.retrying += 1
+            self._waiters.popleft().set_result(None)

@@ -22,6 +22,7 @@ INFLIGHT = "ringmesh.inflight"
 RETRIES = "ringmesh.retries"
 EJECTIONS = "ringmesh.ejections"
 BUDGET_EXHAUSTED = "ringmesh.retry_budget_exhausted"
+BUDGET_WAITS = "ringmesh.retry_budget_waits"
 # Milliseconds; fine enough below 1 ms, where a sidecar hop lives.
 DURATION_BUCKETS_MS = (
     0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 25, 50, 75, 100, 250, 500, 1000, 2500, 5000, 10000,
@@ -94,6 +95,12 @@ class DataPlaneMetrics:
             unit="{retry}",
             description="Retries refused by the retry budget",
         )
+        meter.create_observable_counter(
+            BUDGET_WAITS,
+            callbacks=[self._observe_budget_waits],
+            unit="{retry}",
+            description="Retries that waited for a slot in the retry budget",
+        )
 
     def _observe_inflight(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
@@ -108,3 +115,6 @@ class DataPlaneMetrics:
 
     def _observe_budget(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(self._stats.retry_budget_exhausted)]
+
+    def _observe_budget_waits(self, options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(self._stats.retry_budget_waits)]

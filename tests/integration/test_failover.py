@@ -9,6 +9,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -80,6 +81,42 @@ def test_sigkill_loses_no_idempotent_call(mesh: Mesh, what: str) -> None:
     assert any(r.attempts > 1 for r in load.results), "some calls must have failed over"
     retries = stats(client)["retries"]
     assert sum(retries.values()) > 0
+
+
+def test_more_calls_in_flight_than_the_budget_all_fail_over(mesh: Mesh) -> None:
+    """Six calls die with their instance at once; three may retry at a time.
+
+    The budget (max(3, 20% of active)) lets three retry at once; the other
+    three wait their turn (up to 250 ms) instead of failing, since the first
+    three take 150 ms. The victim's weight lets it hold all six (bounded loads).
+    """
+    victim = mesh.add("echo", None, "--weight", "20")
+    for _ in range(2):
+        mesh.add("echo")
+    client = mesh.add("client")
+    table = RoutingTable.build(mesh.topology())
+    keys = (f"key-{i}" for i in range(1000))
+    mine = [k for k in keys if table.route("echo", k)[0].id == victim.name][:6]
+    with mesh.channel(client.outbound) as channel, ThreadPoolExecutor(len(mine)) as pool:
+        stub = mesh.stub(channel)
+        calls = [
+            pool.submit(
+                stub.Echo.with_call,
+                demo_pb2.EchoRequest(text=key, delay_ms=150),
+                metadata=(("ringmesh-service", "echo"), ("ringmesh-hash-key", key), ("ringmesh-idempotent", "1")),
+                timeout=5,
+            )
+            for key in mine
+        ]  # fmt: skip
+        time.sleep(0.075)  # all six are at the victim's app now
+        sigkill(victim, "app-and-sidecar")
+        for future in calls:
+            reply, call = future.result()
+            assert reply.instance != victim.name
+            assert ("ringmesh-attempts", "2") in tuple(call.trailing_metadata())
+    doc = stats(client)
+    assert doc["retries_in_flight_peak"] == 3 and doc["retry_budget_waits"] == 3
+    assert doc["retry_budget_exhausted"] == 0
 
 
 @pytest.mark.parametrize("what", ["app", "app-and-sidecar"])
@@ -198,10 +235,11 @@ def test_all_instances_down_fails_fast_within_the_budget(mesh: Mesh) -> None:
     assert all(r.code == "UNAVAILABLE" and "service 'echo'" in r.details for r in failures)
     assert max(r.ended - r.started for r in failures) < 1.0
     doc = stats(client)
-    assert doc["retry_budget_exhausted"] > 0
+    # 16 callers: at most max(3, 20% of 16) = 3 retrying calls at once; the
+    # others wait their turn (at most 250 ms) instead of hammering.
+    assert doc["retries_in_flight_peak"] == 3
+    assert doc["retry_budget_waits"] > 0
     assert doc["attempts"] <= 3 * doc["calls"]
-    retried = sum(doc["retries"].values())
-    assert retried < 2 * doc["calls"], "the budget must keep retries well under max attempts"
 
 
 def test_not_processed_calls_are_retried_even_when_not_idempotent(mesh: Mesh) -> None:

@@ -72,6 +72,7 @@ def test_metrics_and_load_record_reflect_real_calls(mesh: Mesh) -> None:
     )  # UNIMPLEMENTED
     assert "ringmesh_ejections_total" in "".join(caller)
     assert "ringmesh_retry_budget_exhausted_total" in "".join(caller)
+    assert "ringmesh_retry_budget_waits_total" in "".join(caller)
 
     async def load_record() -> dict[str, float]:
         async with EtcdClient(EtcdConfig.from_urls(mesh.etcd.url)) as etcd:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import grpc
@@ -89,3 +90,83 @@ def test_budget_allows_twenty_percent_of_active_with_a_minimum_of_three() -> Non
     big = RetryBudget(RetryPolicy())
     big.active = 50
     assert sum(big.try_acquire() for _ in range(20)) == 10
+
+
+def _budget(active: int) -> RetryBudget:
+    budget = RetryBudget(RetryPolicy())
+    for _ in range(active):
+        budget.call_started()
+    return budget
+
+
+def test_a_retry_over_the_budget_waits_for_a_slot_in_arrival_order() -> None:
+    async def scenario() -> None:
+        budget = _budget(4)
+        assert all([budget.try_acquire() for _ in range(3)])
+        first = asyncio.create_task(budget.acquire(5.0))
+        second = asyncio.create_task(budget.acquire(5.0))
+        await asyncio.sleep(0.01)
+        assert not first.done() and not second.done()
+        assert not budget.try_acquire(), "nobody jumps the queue"
+        budget.release()
+        assert await first and not second.done()
+        assert budget.retrying == 3
+        budget.release()
+        assert await second and budget.retrying == 3
+
+    asyncio.run(scenario())
+
+
+def test_a_waiting_retry_gives_up_after_its_wait_and_holds_nothing() -> None:
+    async def scenario() -> None:
+        budget = _budget(1)
+        assert all([budget.try_acquire() for _ in range(3)])
+        assert not await budget.acquire(0.0)
+        assert not await budget.acquire(0.02)
+        assert budget.retrying == 3
+        for _ in range(3):
+            budget.release()
+        assert budget.retrying == 0 and await budget.acquire(0.0)
+
+    asyncio.run(scenario())
+
+
+def test_more_active_calls_let_a_waiting_retry_go() -> None:
+    async def scenario() -> None:
+        budget = _budget(15)  # limit max(3, 0.2 x 15) = 3
+        assert all([budget.try_acquire() for _ in range(3)])
+        waiting = asyncio.create_task(budget.acquire(5.0))
+        await asyncio.sleep(0)
+        budget.call_started()  # 16 active: limit 3 still
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        for _ in range(4):
+            budget.call_started()  # 20 active: limit 4
+        assert await waiting and budget.retrying == 4
+
+    asyncio.run(scenario())
+
+
+def test_a_call_cancelled_while_waiting_leaks_no_slot() -> None:
+    async def scenario() -> None:
+        budget = _budget(1)
+        assert all([budget.try_acquire() for _ in range(3)])
+        waiting = asyncio.create_task(budget.acquire(5.0))
+        await asyncio.sleep(0)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        budget.release()
+        assert budget.retrying == 2, "the slot is not handed to the cancelled call"
+
+        # Handed over, then cancelled before it could run: the slot comes back.
+        waiting = asyncio.create_task(budget.acquire(5.0))
+        assert budget.try_acquire()
+        await asyncio.sleep(0)
+        budget.release()  # hands the slot to the waiting call...
+        waiting.cancel()  # ...which is cancelled before it resumes
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert budget.retrying == 2
+
+    asyncio.run(scenario())
