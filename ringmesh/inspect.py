@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -19,6 +20,8 @@ from scaler.leader import read_targets
 from sidecar.routing import RoutingTable
 
 log = logging.getLogger(__name__)
+
+WATCH_POLL_SECONDS = 1.0  # how often `topology --watch` re-reads targets and the leader
 
 
 async def _lease_ttls(client: EtcdClient, topology: Topology) -> dict[int, int]:
@@ -117,25 +120,38 @@ async def topology_command(
 ) -> int:
     if not watch:
         topology = await read_topology(client, layout)
-        await _emit_current(client, layout, topology, as_json)
+        await _emit_current(client, topology, await _scaling(client, layout), as_json)
         return 0
     changed = asyncio.Event()
     watcher = TopologyWatch(client, layout, on_change=lambda _t: changed.set())
     task = asyncio.create_task(watcher.run())
+    shown: tuple[int, Scaling] | None = None
     try:
+        await changed.wait()  # the first listing
         while True:
-            await changed.wait()
             changed.clear()
-            await _emit_current(client, layout, watcher.topology, as_json)
+            # Instances come from the watch; targets and the leader are read
+            # every poll interval, so a new target or leader prints too.
+            try:
+                scaling = await _scaling(client, layout)
+            except EtcdUnavailable:
+                pass  # the watch logs the outage; print again once etcd is back
+            else:
+                if (watcher.topology.revision, scaling) != shown:
+                    shown = (watcher.topology.revision, scaling)
+                    await _emit_current(client, watcher.topology, scaling, as_json)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(WATCH_POLL_SECONDS):
+                    await changed.wait()
     finally:
         task.cancel()
 
 
 async def _emit_current(
-    client: EtcdClient, layout: KeyLayout, topology: Topology, as_json: bool
+    client: EtcdClient, topology: Topology, scaling: Scaling, as_json: bool
 ) -> None:
     ttls = await _lease_ttls(client, topology)
-    _emit(topology_document(topology, ttls, await _scaling(client, layout)), as_json)
+    _emit(topology_document(topology, ttls, scaling), as_json)
 
 
 def _emit(doc: dict[str, Any], as_json: bool) -> None:

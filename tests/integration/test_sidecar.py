@@ -20,7 +20,9 @@ import pytest
 
 from proto import demo_pb2
 from registry.etcd import EtcdClient, EtcdConfig
+from registry.keys import KeyLayout
 from registry.records import InstanceRecord
+from registry.scaling import Target
 from ringmesh import cli
 from sidecar.routing import RoutingTable
 from tests.mesh import Mesh
@@ -359,6 +361,26 @@ def test_topology_watch_prints_each_change(mesh: Mesh) -> None:
             if second.name in ids:
                 assert ids == {first.name, second.name}
                 break
+        assert doc["services"]["echo"]["target"] is None
+
+        async def decide() -> None:  # what a leading scaler writes
+            target = Target(
+                replicas=5,
+                previous=2,
+                reason="test",
+                metric=1.0,
+                decided_at=0.0,
+                term=1,
+                leader="s",
+            )
+            async with EtcdClient(EtcdConfig.from_urls(mesh.etcd.url)) as client:
+                await client.put(
+                    KeyLayout(mesh.prefix).target("echo"), target.to_json(), lease=None
+                )
+
+        asyncio.run(decide())
+        doc = json.loads(watcher.stdout.readline())  # a new target prints too
+        assert doc["services"]["echo"]["target"] == 5
     finally:
         guard.cancel()
         watcher.terminate()
