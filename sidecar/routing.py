@@ -31,7 +31,8 @@ class RoutingTable:
 
     rings: Mapping[str, BoundedRing] = field(default_factory=lambda: MappingProxyType({}))
     # Services ever seen by this process: one whose instances are all gone is
-    # "no live instance" (UNAVAILABLE, retryable), not "unknown".
+    # "no live instance" (UNAVAILABLE, retryable), not "unknown". Declarations
+    # and unary methods follow the registered records (see build()).
     known: frozenset[str] = frozenset()
     declared_by: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
     unary_methods: frozenset[str] = frozenset()
@@ -47,10 +48,8 @@ class RoutingTable:
         load_factor: float = DEFAULT_LOAD_FACTOR,
     ) -> RoutingTable:
         known = set(previous.known) if previous else set()
-        declared: dict[str, set[str]] = {
-            k: set(v) for k, v in (previous.declared_by.items() if previous else ())
-        }
-        unary = set(previous.unary_methods) if previous else set()
+        declared: dict[str, set[str]] = {}
+        unary: set[str] = set()
         rings: dict[str, BoundedRing] = {}
         for service, instances in topology.services.items():
             known.add(service)
@@ -67,6 +66,16 @@ class RoutingTable:
                 rings[service] = old  # unchanged: keep the ring, skip the rebuild
             else:
                 rings[service] = BoundedRing(serving, vnodes=vnodes, load_factor=load_factor)
+        if previous is not None:
+            # The registered records are the truth: a gRPC service moved to another
+            # service, or a method no longer unary, follows them. A gRPC service
+            # nobody registered declares now keeps its last declaration, so a
+            # call for it is "no live instance" (retryable), not "unknown".
+            now = set(declared) | {grpc_service_of(m) for m in unary}
+            for grpc_service, owners in previous.declared_by.items():
+                if grpc_service not in now:
+                    declared[grpc_service] = set(owners)
+            unary.update(m for m in previous.unary_methods if grpc_service_of(m) not in now)
         return cls(
             rings=MappingProxyType(rings),
             known=frozenset(known),

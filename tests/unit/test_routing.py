@@ -252,19 +252,30 @@ def test_a_new_load_factor_rebuilds_the_ring() -> None:
     assert second.rings["echo"].load_factor == 2.0
 
 
-def test_unary_methods_accumulate_across_builds() -> None:
-    first = table(rec("echo", "e1", unary_methods=("/demo.Echo/Say",)))
-    assert first.unary_methods == frozenset({"/demo.Echo/Say"})
-    second = table(
-        rec("echo", "e2", unary_methods=("/demo.Echo/Shout",)),
+def test_unary_methods_follow_the_registered_records() -> None:
+    first = table(
+        rec("echo", "e1", unary_methods=("/demo.Echo/Say",)),
         rec("billing", "b1", unary_methods=("/pay.Billing/Charge",)),
-        previous=first,
     )
-    assert second.unary_methods == frozenset(
-        {"/demo.Echo/Say", "/demo.Echo/Shout", "/pay.Billing/Charge"}
-    )
+    assert first.unary_methods == frozenset({"/demo.Echo/Say", "/pay.Billing/Charge"})
+    # e1 is replaced by a version whose Say is no longer unary; billing is gone.
+    second = table(rec("echo", "e2", unary_methods=("/demo.Echo/Shout",)), previous=first)
+    assert second.unary_methods == frozenset({"/demo.Echo/Shout", "/pay.Billing/Charge"})
     # Without a previous table nothing is remembered.
     assert table(rec("echo", "e2")).unary_methods == frozenset()
+
+
+def test_a_grpc_service_moved_to_another_service_follows_it() -> None:
+    first = table(rec("echo", "e1", grpc_services=ECHO_SVC))
+    both = table(
+        rec("echo", "e1", grpc_services=ECHO_SVC),
+        rec("talk", "t1", grpc_services=ECHO_SVC),
+        previous=first,
+    )
+    with pytest.raises(UnknownService, match="several services"):
+        both.resolve(service=None, method="/demo.Echo/Say")
+    moved = table(rec("echo", "e2"), rec("talk", "t1", grpc_services=ECHO_SVC), previous=both)
+    assert moved.resolve(service=None, method="/demo.Echo/Say") == "talk"
 
 
 def test_declarations_are_remembered_so_a_dead_service_still_resolves() -> None:
