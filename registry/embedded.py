@@ -54,8 +54,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 class EmbeddedEtcd:
     """One etcd process; a context manager that always cleans up after itself."""
 
-    def __init__(self, *, data_dir: Path | None = None, start_timeout: float = 20.0) -> None:
+    def __init__(
+        self,
+        *,
+        data_dir: Path | None = None,
+        start_timeout: float = 20.0,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
         self._own_dir = data_dir is None
+        self.extra_args = extra_args  # more etcd flags, e.g. ("--auth-token-ttl", "1")
         self.data_dir = data_dir or Path(tempfile.mkdtemp(prefix="ringmesh-etcd-"))
         self.start_timeout = start_timeout
         self.client_port = 0
@@ -112,6 +119,7 @@ class EmbeddedEtcd:
             "--initial-cluster", f"ringmesh={peer}",
             "--log-level", "warn",
             "--logger", "zap",
+            *self.extra_args,
         ]  # fmt: skip
         env = dict(os.environ)
         if platform.machine() in ("aarch64", "arm64"):

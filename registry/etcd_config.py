@@ -7,7 +7,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from registry.errors import ConfigError
 
@@ -29,23 +29,36 @@ class EtcdConfig:
 
     @classmethod
     def from_urls(cls, urls: str, **options: Any) -> EtcdConfig:
-        """Parse ``http://a:2379,https://b:2379``; https (or a CA file) turns TLS on."""
+        """Parse ``http://a:2379,https://b:2379``; https (or a CA file) turns TLS on.
+
+        ``http://user:password@host:2379`` sets the credentials, like etcdctl's
+        ``--user``; every URL carrying some must carry the same, and flags
+        (``user=``/``password=``) may not say otherwise.
+        """
         endpoints: list[str] = []
         schemes: set[str] = set()
+        credentials: set[tuple[str, str]] = set()
         for url in (u.strip() for u in urls.split(",")):
             if not url:
                 continue
             if "://" not in url:
                 url = "http://" + url
             parts = urlsplit(url)
+            shown = _without_password(url, parts.password)
             if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(f"invalid etcd endpoint {url!r}: expected http(s)://HOST:PORT")
+                raise ConfigError(f"invalid etcd endpoint {shown!r}: expected http(s)://HOST:PORT")
+            if parts.path not in ("", "/") or parts.query or parts.fragment:
+                raise ConfigError(f"invalid etcd endpoint {shown!r}: expected no path or query")
             try:
                 port = 2379 if parts.port is None else parts.port
             except ValueError as exc:
-                raise ConfigError(f"invalid etcd endpoint {url!r}: {exc}") from exc
+                raise ConfigError(f"invalid etcd endpoint {shown!r}: {exc}") from exc
             if port == 0:
-                raise ConfigError(f"invalid etcd endpoint {url!r}: port 0")
+                raise ConfigError(f"invalid etcd endpoint {shown!r}: port 0")
+            if parts.username is not None:
+                if parts.password is None:
+                    raise ConfigError(f"etcd endpoint {shown!r} names a user but no password")
+                credentials.add((unquote(parts.username), unquote(parts.password)))
             host = parts.hostname
             endpoints.append(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
             schemes.add(parts.scheme)
@@ -53,6 +66,16 @@ class EtcdConfig:
             raise ConfigError("no etcd endpoint given")
         if len(schemes) > 1:
             raise ConfigError("etcd endpoints mix http and https")
+        if len(credentials) > 1:
+            raise ConfigError("etcd endpoints carry different credentials")
+        if credentials:
+            user, password = credentials.pop()
+            flagged = (options.get("user"), options.get("password"))
+            if flagged != (None, None) and flagged != (user, password):
+                raise ConfigError(
+                    "etcd credentials given both in the URL and as flags, differently"
+                )
+            options = {**options, "user": user, "password": password}
         tls = "https" in schemes or any(options.get(k) for k in ("ca_file", "cert_file"))
         config = cls(endpoints=tuple(endpoints), tls=tls, **options)
         config.validate()
@@ -76,6 +99,11 @@ class EtcdConfig:
         if len(families) > 1:
             raise ConfigError("etcd endpoints mix IPv4 and IPv6 addresses")
         return f"{families.pop()}:" + ",".join(address for _, address in resolved)
+
+
+def _without_password(url: str, password: str | None) -> str:
+    """``url`` fit for an error message."""
+    return url if not password else url.replace(f":{password}@", ":***@", 1)
 
 
 def _resolve(endpoint: str) -> tuple[str, str]:

@@ -324,6 +324,37 @@ def test_from_urls_credentials_and_tls_files(tmp_path: Path) -> None:
     assert config.tls is True and config.ca_file == str(ca)
 
 
+def test_from_urls_takes_credentials_from_the_url() -> None:
+    config = EtcdConfig.from_urls("http://root:s%40cret@a:1,http://root:s%40cret@b:2")
+    assert (config.user, config.password, config.endpoints) == ("root", "s@cret", ("a:1", "b:2"))
+    # The same credentials as flags are fine; the endpoints without any share them.
+    config = EtcdConfig.from_urls("http://a:1,http://u:p@b:2", user="u", password="p")
+    assert (config.user, config.password) == ("u", "p")
+
+
+@pytest.mark.parametrize(
+    ("urls", "flags", "message"),
+    [
+        ("http://u:p@a:1,http://v:p@b:2", {}, "different credentials"),
+        ("http://u:p@a:1", {"user": "u", "password": "other"}, "both in the URL and as flags"),
+        ("http://u@a:1", {}, "names a user but no password"),
+        ("http://a:1/v3", {}, "no path or query"),
+        ("http://a:1?x=1", {}, "no path or query"),
+    ],
+)
+def test_from_urls_rejects_conflicting_credentials(
+    urls: str, flags: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        EtcdConfig.from_urls(urls, **flags)
+
+
+def test_a_password_never_shows_in_an_error() -> None:
+    with pytest.raises(ConfigError) as info:
+        EtcdConfig.from_urls("http://root:hunter2@a:port")
+    assert "hunter2" not in str(info.value) and "root:***@a:port" in str(info.value)
+
+
 # -- grpc_target -------------------------------------------------------------------
 
 
