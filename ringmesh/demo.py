@@ -20,6 +20,20 @@ from grpc_reflection.v1alpha import reflection
 from proto import demo_pb2, demo_pb2_grpc
 
 
+async def abort_if_asked(context: grpc.aio.ServicerContext) -> None:
+    """Test hook: ``x-abort: CODE`` makes the call fail with that status, with the
+    ``x-abort-trailer: key=value`` headers as its trailing metadata."""
+    metadata = context.invocation_metadata() or ()
+    code = next((v for k, v in metadata if k == "x-abort"), None)
+    if code is None:
+        return
+    trailers = tuple(
+        tuple(v.split("=", 1)) for k, v in metadata if k == "x-abort-trailer" and "=" in v
+    )
+    status = getattr(grpc.StatusCode, str(code), grpc.StatusCode.UNKNOWN)
+    await context.abort(status, f"aborted as asked ({code})", trailers)
+
+
 class DemoService(demo_pb2_grpc.DemoServicer):
     def __init__(self, instance: str) -> None:
         self.instance = instance
@@ -35,6 +49,7 @@ class DemoService(demo_pb2_grpc.DemoServicer):
             if request.delay_ms:
                 await asyncio.sleep(request.delay_ms / 1000)
             self.served += 1
+            await abort_if_asked(context)
             # Echo "x-echo" and "traceparent" request headers back as trailing
             # metadata, so tests can see metadata pass through the mesh both ways.
             echoed = tuple(
@@ -62,11 +77,13 @@ class DemoService(demo_pb2_grpc.DemoServicer):
         request_iterator: AsyncIterator[demo_pb2.CountRequest],
         context: grpc.aio.ServicerContext,
     ) -> demo_pb2.SumReply:
+        self.served += 1
         total = messages = 0
         async for request in request_iterator:
             total += request.n
             messages += 1
-        self.served += 1
+            if messages == 1:
+                await abort_if_asked(context)  # while the caller may still be sending
         return demo_pb2.SumReply(total=total, messages=messages, instance=self.instance)
 
     async def Chat(

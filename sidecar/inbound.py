@@ -28,6 +28,8 @@ class InboundDirector:
     """Sends every call to the app, counts what is in flight, and tells callers when a
     call never reached the app (so they may safely retry it elsewhere)."""
 
+    upstream_is_mesh = False  # the upstream is the app
+
     def __init__(
         self, app_address: str, *, on_app_state: Callable[[bool], None] = lambda _up: None
     ) -> None:
@@ -57,7 +59,8 @@ class InboundDirector:
 
     def finished(self, target: Target, outcome: Outcome | None) -> None:
         self._count(-1)
-        self.note_app(up=outcome is not Outcome.NEVER_SENT)
+        if outcome is not Outcome.CANCELLED:  # a caller leaving says nothing of the app
+            self.note_app(up=outcome is not Outcome.NEVER_SENT)
 
     def note_app(self, *, up: bool) -> None:
         """What a call or a probe learnt about the app; the owner hears of each change."""

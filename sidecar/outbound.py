@@ -80,6 +80,8 @@ class RingPlan:
 class OutboundDirector:
     """Picks instances from the current RoutingTable (swapped whole on change)."""
 
+    upstream_is_mesh = True  # the upstream is a peer's inbound sidecar
+
     def __init__(
         self,
         *,
@@ -189,7 +191,7 @@ class OutboundDirector:
             # Unreachable, or its app is: as good as a connect failure.
             if ejector.connect_failed(peer_id):
                 self.stats.ejections += 1
-        elif outcome is not Outcome.FINAL and ejector.failed(peer_id):
+        elif outcome is Outcome.UNAVAILABLE and ejector.failed(peer_id):
             self.stats.ejections += 1
 
     def failure_metadata(self, outcome: Outcome) -> Metadata:

@@ -23,7 +23,14 @@ from opentelemetry.trace import Span
 
 from sidecar.channels import ChannelPool, NotConnected
 from sidecar.replay import RequestReplay
-from sidecar.retry import ATTEMPTS_HEADER, Outcome, RetryBudget, RetryPolicy, classify
+from sidecar.retry import (
+    ATTEMPTS_HEADER,
+    NOT_PROCESSED_HEADER,
+    Outcome,
+    RetryBudget,
+    RetryPolicy,
+    classify,
+)
 from sidecar.stats import DataPlaneStats
 from sidecar.telemetry import CallRecorder
 from sidecar.tracing import HopTracer
@@ -35,6 +42,7 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 # Headers the upstream call sets itself.
 _NOT_FORWARDED = frozenset({"user-agent"})
 _MAX_CACHED_METHODS = 4096
+_MESH_TRAILERS = frozenset({ATTEMPTS_HEADER, NOT_PROCESSED_HEADER})
 _MAX_CONNECT_WAIT = 1.0  # a peer that has not connected within this is a connect failure
 
 
@@ -65,6 +73,10 @@ class Plan(Protocol):
 
 class Director(Protocol):
     """Decides where a call goes and learns how each attempt went."""
+
+    # True when the upstream is another sidecar, whose ``ringmesh-not-processed``
+    # is passed on; an app's never is (only a sidecar may say so).
+    upstream_is_mesh: bool
 
     def plan(self, method: str, metadata: Metadata) -> Plan:
         """The call's plan, or raise CallRejected."""
@@ -196,6 +208,9 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     ) -> None:
         self._director = director
         self._pool = pool
+        self._dropped_trailers = (
+            frozenset({ATTEMPTS_HEADER}) if director.upstream_is_mesh else _MESH_TRAILERS
+        )
         self._unary_methods = unary_methods
         self._retry = retry
         self._budget = RetryBudget(retry) if retry is not None else None
@@ -254,7 +269,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         unsent: str,
     ) -> None:
         self.stats.failed_calls += 1
-        upstream = _forwardable(error.trailing_metadata()) if error is not None else ()
+        upstream = self._forwardable(error.trailing_metadata()) if error is not None else ()
         trailing = upstream + self._director.failure_metadata(outcome) + self._attempts_md(attempts)
         if outcome in (Outcome.NEVER_SENT, Outcome.NOT_PROCESSED):
             # The mesh could not deliver the call: say so, naming the service.
@@ -275,6 +290,12 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         if span is not None:
             HopTracer.end(span, code)
 
+    def _forwardable(self, upstream: Any) -> Metadata:
+        """The upstream's trailers, less the mesh's own that are not ours to pass on:
+        a downstream hop's attempt count, and a not-processed flag set by an app."""
+        dropped = self._dropped_trailers
+        return tuple((m[0], m[1]) for m in (upstream or ()) if m[0] not in dropped)
+
     def _attempts_md(self, attempts: Attempts) -> Metadata:
         if self._retry is None:
             return ()
@@ -283,7 +304,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
     def _set_trailing(
         self, context: grpc.aio.ServicerContext, upstream: Any, attempts: Attempts
     ) -> None:
-        trailing = (_forwardable(upstream) if upstream else ()) + self._attempts_md(attempts)
+        trailing = (self._forwardable(upstream) if upstream else ()) + self._attempts_md(attempts)
         if trailing:
             context.set_trailing_metadata(trailing)
 
@@ -301,27 +322,29 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 outcome, unsent = Outcome.NEVER_SENT, ""
                 while target is not None:
                     director.started(target)
+                    # Until the attempt ends one way or another, it counts as
+                    # cancelled (the caller left or its deadline passed).
+                    result: Outcome | None = Outcome.CANCELLED
                     try:
                         await pool.connect(target.address, attempts.connect_wait())
                         call = pool.unary(target.address, method)(
                             request, timeout=attempts.timeout(), metadata=metadata
                         )
-                        response: bytes = await call
+                        response: bytes = await call  # cancelling us cancels the call
+                        result = None
                     except grpc.aio.AioRpcError as exc:
-                        error, outcome = (
-                            exc,
-                            classify(
-                                exc.code(), exc.details() or "", exc.trailing_metadata() or ()
-                            ),
+                        error = exc
+                        outcome = result = classify(
+                            exc.code(), exc.details() or "", exc.trailing_metadata() or ()
                         )
                     except NotConnected as exc:
                         error, outcome, unsent = None, Outcome.NEVER_SENT, str(exc)
-                    else:
-                        director.finished(target, None)
-                        trailing = await call.trailing_metadata()
-                        self._set_trailing(context, trailing, attempts)
+                        result = outcome
+                    finally:
+                        director.finished(target, result)
+                    if result is None:
+                        self._set_trailing(context, await call.trailing_metadata(), attempts)
                         return response
-                    director.finished(target, outcome)
                     target = await attempts.retry(outcome)
                 await self._fail(context, attempts, error, outcome, unsent)
                 raise AssertionError("unreachable")
@@ -351,6 +374,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 while target is not None:
                     director.started(target)
                     committed = False
+                    result: Outcome | None = Outcome.CANCELLED
+                    call: grpc.aio.StreamStreamCall | None = None
                     try:
                         await pool.connect(target.address, attempts.connect_wait())
                         call = pool.stream(target.address, method)(
@@ -361,29 +386,31 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                                 replay.commit()
                                 committed = True
                             yield response
+                        result = None
                     except grpc.aio.AioRpcError as exc:
-                        error, outcome = (
-                            exc,
-                            classify(
-                                exc.code(), exc.details() or "", exc.trailing_metadata() or ()
-                            ),
+                        # INTERNAL "Internal error from Core" (the upstream ended the
+                        # call while a request was being written) stays FINAL: the
+                        # app may have seen the call, so it is never retried.
+                        error = exc
+                        outcome = result = classify(
+                            exc.code(), exc.details() or "", exc.trailing_metadata() or ()
                         )
-                        if (
-                            outcome is Outcome.FINAL
-                            and _aborted_while_sending(exc)
-                            and not committed
-                        ):
-                            outcome = Outcome.NEVER_SENT
                     except NotConnected as exc:
                         error, outcome, unsent = None, Outcome.NEVER_SENT, str(exc)
-                    else:
-                        director.finished(target, None)
+                        result = outcome
+                    finally:
+                        director.finished(target, result)
+                        if call is not None and not call.done():
+                            call.cancel()  # our caller left while we were yielding
+                    if result is None:
+                        assert call is not None
                         self._set_trailing(context, await call.trailing_metadata(), attempts)
                         return
-                    director.finished(target, outcome)
                     if committed or not replay.replayable:
                         break
                     target = await attempts.retry(outcome)
+                    if target is not None and not replay.replayable:
+                        break  # the caller sent past the replay buffer meanwhile
                 await self._fail(context, attempts, error, outcome, unsent)
             finally:
                 replay.close()
@@ -392,17 +419,3 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 self._observe(method, context, started, span)
 
         return forward
-
-
-def _aborted_while_sending(error: grpc.aio.AioRpcError) -> bool:
-    # FIELD-NOTES.md: a stream-stream proxy sees INTERNAL "Internal error from
-    # Core" when the upstream aborts while the request is still being written;
-    # such a failed send never reached the app.
-    return error.code() == grpc.StatusCode.INTERNAL and "Internal error from Core" in (
-        error.details() or ""
-    )
-
-
-def _forwardable(upstream: Any) -> Metadata:
-    # A downstream hop's attempt count is not ours to report.
-    return tuple((m[0], m[1]) for m in (upstream or ()) if m[0] != ATTEMPTS_HEADER)

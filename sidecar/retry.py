@@ -44,6 +44,7 @@ class Outcome(enum.Enum):
     NOT_PROCESSED = "not_processed"  # the inbound sidecar could not reach its app
     UNAVAILABLE = "unavailable"  # may or may not have been processed
     FINAL = "final"  # an answer from the app: never retried
+    CANCELLED = "cancelled"  # the caller left or its deadline passed: says nothing of the peer
 
 
 def classify(
@@ -92,7 +93,8 @@ class RetryPolicy:
         """Seconds to wait before attempt number ``attempt`` (2 = the first retry)."""
         if attempt <= 2 and new_instance:
             return 0.0  # the first hop to a different instance goes at once
-        return rng.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1)))
+        # The n-th retry (attempt n + 1) waits up to base x 2^(n-1): 25, 50, 100 ... ms.
+        return rng.uniform(0.0, min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 2)))
 
 
 class RetryBudget:

@@ -72,13 +72,16 @@ def test_no_backoff_before_the_first_hop_to_another_instance() -> None:
     rng = random.Random(1)
     policy = RetryPolicy()
     assert policy.backoff(2, rng, new_instance=True) == 0.0
-    # Same instance again, or a later attempt: full jitter up to base x 2^(n-1), capped.
+    # Same instance again, or a later attempt: the n-th retry waits up to
+    # base x 2^(n-1) (full jitter), capped at 250 ms.
     for _ in range(200):
-        assert 0.0 <= policy.backoff(2, rng, new_instance=False) <= 0.05
-        assert 0.0 <= policy.backoff(3, rng, new_instance=True) <= 0.1
+        assert 0.0 <= policy.backoff(2, rng, new_instance=False) <= 0.025
+        assert 0.0 <= policy.backoff(3, rng, new_instance=True) <= 0.05
+        assert 0.0 <= policy.backoff(5, rng, new_instance=True) <= 0.2
         assert 0.0 <= policy.backoff(10, rng, new_instance=True) <= 0.25
     samples = [policy.backoff(3, rng, new_instance=True) for _ in range(500)]
-    assert max(samples) > 0.08 and min(samples) < 0.02, "full jitter spreads over [0, cap]"
+    assert max(samples) > 0.04 and min(samples) < 0.01, "full jitter spreads over [0, cap]"
+    assert max(policy.backoff(10, rng, new_instance=True) for _ in range(500)) > 0.2
 
 
 def test_budget_allows_twenty_percent_of_active_with_a_minimum_of_three() -> None:

@@ -1,0 +1,124 @@
+"""How calls end through the mesh: cancelled, past their deadline, or failed by the app.
+
+None of these may leave a call counted in flight (the drain, the load record
+and bounded loads read that count), get a call the app already saw sent
+again, or cost a healthy instance its place in the ring.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from typing import Any
+
+import grpc
+import pytest
+
+from proto import demo_pb2
+from tests.mesh import Instance, Mesh
+
+pytestmark = pytest.mark.integration
+
+
+def stats(instance: Instance) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{instance.info['admin']}/stats", timeout=5) as response:
+        doc: dict[str, Any] = json.loads(response.read())
+        return doc
+
+
+def inflight(instance: Instance) -> int:
+    counts: dict[str, int] = stats(instance)["inflight"]
+    return sum(counts.values())
+
+
+def settled(*instances: Instance, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if all(inflight(i) == 0 for i in instances):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def served(mesh: Mesh, instances: list[Instance]) -> int:
+    """Calls the apps have served, this question included (asked directly, not through the mesh)."""
+    total = 0
+    for instance in instances:
+        with mesh.channel(f"127.0.0.1:{instance.app_port}") as channel:
+            reply = mesh.stub(channel).Echo(demo_pb2.EchoRequest(text="count"), timeout=5)
+        total += int(reply.served)
+    return total
+
+
+ECHO = (("ringmesh-service", "echo"), ("ringmesh-hash-key", "k"))
+
+
+def test_calls_past_their_deadline_or_cancelled_leave_nothing_in_flight(mesh: Mesh) -> None:
+    echo = mesh.add("echo")
+    client = mesh.add("client")
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Echo(demo_pb2.EchoRequest(delay_ms=3000), metadata=ECHO, timeout=0.3)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        future = stub.Echo.future(demo_pb2.EchoRequest(delay_ms=3000), metadata=ECHO, timeout=10)
+        time.sleep(0.3)
+        future.cancel()
+        replies = stub.Count(
+            demo_pb2.CountRequest(n=1000, payload=b"x" * 1000), metadata=ECHO, timeout=10
+        )
+        next(replies)
+        replies.cancel()  # a server stream the caller stops reading
+        # The echo app is still busy with the slow calls; the mesh has let go.
+        assert settled(client, echo), (stats(client)["inflight"], stats(echo)["inflight"])
+        assert stats(client)["ejected"]["echo"] == [], "a caller giving up says nothing of the peer"
+        reply = stub.Echo(demo_pb2.EchoRequest(text="after"), metadata=ECHO, timeout=5)
+        assert reply.text == "after"
+
+
+def test_an_app_abort_on_a_client_stream_is_never_retried(mesh: Mesh) -> None:
+    echoes = [mesh.add("echo") for _ in range(3)]
+    client = mesh.add("client")
+    before = served(mesh, echoes)
+    metadata = (*ECHO, ("x-abort", "INVALID_ARGUMENT"))
+    codes = []
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        for _ in range(10):
+            # The app aborts after the first message while the caller still sends.
+            requests = (demo_pb2.CountRequest(n=1, payload=b"x" * 30_000) for _ in range(20))
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Sum(requests, metadata=metadata, timeout=10)
+            codes.append(info.value.code())
+            trailing = dict(info.value.trailing_metadata() or ())
+            assert trailing.get("ringmesh-attempts") == "1"
+            assert "ringmesh-not-processed" not in trailing
+    # gRPC itself may report INTERNAL instead of the app's status when a send
+    # races the abort; never UNAVAILABLE, which would mean the mesh gave up.
+    assert set(codes) <= {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.INTERNAL}, codes
+    calls = served(mesh, echoes) - before - len(echoes)  # less the questions themselves
+    assert calls == 10, "each call reached one app, once"
+    doc = stats(client)
+    assert doc["ejected"]["echo"] == [] and sum(doc["retries"].values()) == 0
+
+
+def test_an_app_cannot_make_the_mesh_retry_a_call_it_ran(mesh: Mesh) -> None:
+    echoes = [mesh.add("echo") for _ in range(2)]
+    client = mesh.add("client")
+    before = served(mesh, echoes)
+    # The app fails the call and (wrongly) passes on a mesh trailer it got elsewhere.
+    metadata = (
+        *ECHO,
+        ("x-abort", "UNAVAILABLE"),
+        ("x-abort-trailer", "ringmesh-not-processed=1"),
+        ("x-abort-trailer", "x-app=kept"),
+    )
+    with mesh.channel(client.outbound) as channel, pytest.raises(grpc.RpcError) as info:
+        mesh.stub(channel).Echo(demo_pb2.EchoRequest(text="x"), metadata=metadata, timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    trailing = dict(info.value.trailing_metadata() or ())
+    assert trailing.get("x-app") == "kept" and "ringmesh-not-processed" not in trailing
+    assert trailing.get("ringmesh-attempts") == "1"
+    assert served(mesh, echoes) - before - len(echoes) == 1
