@@ -5,7 +5,8 @@ kept until the first response arrives (then the call is committed and can no
 longer be retried) or until more than ``limit`` bytes are buffered. Each
 attempt reads the stream from the start. Reads from the caller happen in a
 shielded task, so a failed attempt being cancelled never breaks the stream
-for the next one.
+for the next one, and the reader of an ended attempt stops once a newer
+attempt exists (it could otherwise take a message meant for the new one).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ class RequestReplay:
         self._error: BaseException | None = None
         self._fetch: asyncio.Future[bytes] | None = None
         self._committed = False
-        self._attempts = 0
+        self._attempts = 0  # also the generation of the newest attempt's reader
 
     @property
     def replayable(self) -> bool:
@@ -42,11 +43,13 @@ class RequestReplay:
         if self._attempts and not self.replayable:
             raise RuntimeError("the request stream can no longer be replayed")
         self._attempts += 1
-        return self._iterate()
+        return self._iterate(self._attempts)
 
-    async def _iterate(self) -> AsyncIterator[bytes]:
+    async def _iterate(self, generation: int) -> AsyncIterator[bytes]:
         index = 0
-        while True:
+        # gRPC may keep an ended attempt's reader waiting for the next message;
+        # once a newer attempt exists it stops, touching nothing.
+        while generation == self._attempts:
             if index < self._count:
                 message = self._buffer[index - self._start]
                 index += 1

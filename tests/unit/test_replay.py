@@ -80,3 +80,24 @@ def test_an_error_from_the_caller_reaches_the_attempt() -> None:
             await drain(replay.attempt())
 
     asyncio.run(scenario())
+
+
+def test_an_ended_attempts_reader_takes_nothing_from_the_next_attempt() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        replay = RequestReplay(source([b"a", b"b", b"c"], gate), limit=1024)
+        first = replay.attempt()
+        assert await first.__anext__() == b"a"
+        assert await first.__anext__() == b"b"
+        # Attempt 1 ended, but gRPC left its reader waiting for the next message.
+        stale = asyncio.ensure_future(first.__anext__())
+        await asyncio.sleep(0)
+        second = replay.attempt()
+        assert [await second.__anext__(), await second.__anext__()] == [b"a", b"b"]
+        replay.commit()  # attempt 2 got its first response
+        gate.set()
+        with pytest.raises(StopAsyncIteration):
+            await stale
+        assert await drain(second) == [b"c"]
+
+    asyncio.run(scenario())
