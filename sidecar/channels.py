@@ -28,6 +28,7 @@ SERVER_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
 _READY = grpc.ChannelConnectivity.READY
+_MAX_CACHED_CALLS = 4096  # per kind; more distinct (address, method) pairs are not cached
 _CONNECTING = (grpc.ChannelConnectivity.IDLE, grpc.ChannelConnectivity.CONNECTING)
 
 
@@ -56,7 +57,8 @@ class ChannelPool:
         call = self._unary.get(key)
         if call is None:
             call = self.channel(address).unary_unary(method)
-            self._unary[key] = call
+            if len(self._unary) < _MAX_CACHED_CALLS:  # method names come from callers
+                self._unary[key] = call
         return call
 
     def stream(self, address: str, method: str) -> Callable[..., Any]:
@@ -64,7 +66,8 @@ class ChannelPool:
         call = self._stream.get(key)
         if call is None:
             call = self.channel(address).stream_stream(method)
-            self._stream[key] = call
+            if len(self._stream) < _MAX_CACHED_CALLS:
+                self._stream[key] = call
         return call
 
     async def connect(self, address: str, wait: float) -> None:
@@ -104,11 +107,16 @@ class ChannelPool:
 
     async def retain(self, addresses: Collection[str]) -> None:
         """Close channels to addresses that are gone from the topology."""
-        for address in [a for a in self._channels if a not in addresses]:
-            channel = self._channels.pop(address)
-            self._unary = {k: v for k, v in self._unary.items() if k[0] != address}
-            self._stream = {k: v for k, v in self._stream.items() if k[0] != address}
-            await channel.close(grace=5.0)
+        gone = [a for a in self._channels if a not in addresses]
+        if not gone:
+            return
+        # Everything is taken out before the first await, so overlapping calls
+        # never close a channel twice; the closes then run side by side.
+        closing = [self._channels.pop(address) for address in gone]
+        dropped = set(gone)
+        self._unary = {k: v for k, v in self._unary.items() if k[0] not in dropped}
+        self._stream = {k: v for k, v in self._stream.items() if k[0] not in dropped}
+        await asyncio.gather(*(c.close(grace=5.0) for c in closing), return_exceptions=True)
 
     async def aclose(self) -> None:
         channels, self._channels = self._channels, {}
