@@ -185,33 +185,44 @@ class Sidecar:
         }
         announce("listening", **ports)
 
-        async with EtcdClient(config.etcd) as etcd:
-            watch = TopologyWatch(etcd, self.layout, on_change=self._on_topology)
-            keeper = LeaseKeeper(etcd, ttl=config.ttl, clock=self._clock)
-            tasks = [
-                asyncio.create_task(watch.run(), name="topology-watch"),
-                asyncio.create_task(self._probe_ejected(), name="probe-ejected"),
-                asyncio.create_task(self._probe_app(), name="probe-app"),
-                asyncio.create_task(self._report_load(keeper, telemetry, instance_id), name="load"),
-                asyncio.create_task(
-                    self._register(keeper, instance_id, address, ports), name="register"
-                ),
-            ]
-            stopping = asyncio.create_task(stop.wait())
-            await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
-                if task.done() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-            await self._shutdown(keeper, inbound, outbound)
-            for task in tasks:
+        failure: BaseException | None = None
+        try:
+            async with EtcdClient(config.etcd) as etcd:
+                watch = TopologyWatch(etcd, self.layout, on_change=self._on_topology)
+                keeper = LeaseKeeper(etcd, ttl=config.ttl, clock=self._clock)
+                tasks = [
+                    asyncio.create_task(watch.run(), name="topology-watch"),
+                    asyncio.create_task(self._probe_ejected(), name="probe-ejected"),
+                    asyncio.create_task(self._probe_app(), name="probe-app"),
+                    asyncio.create_task(
+                        self._report_load(keeper, telemetry, instance_id), name="load"
+                    ),
+                    asyncio.create_task(
+                        self._register(keeper, instance_id, address, ports), name="register"
+                    ),
+                ]
+                stopping = asyncio.create_task(stop.wait())
+                try:
+                    await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                    failure = _first_failure(tasks)
+                    if failure is not None:
+                        # Still drain: the calls in flight deserve their answers.
+                        log.error("stopping after an error: %s", failure)
+                    await self._shutdown(keeper, inbound, outbound)
+                finally:
+                    for task in (stopping, *tasks):
+                        task.cancel()
+                    await asyncio.gather(stopping, *tasks, return_exceptions=True)
+        finally:
+            await asyncio.gather(inbound.stop(0), outbound.stop(0), return_exceptions=True)
+            await admin.aclose()
+            for task in list(self._background):
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        await admin.aclose()
-        for task in list(self._background):
-            task.cancel()
-        await self._out_pool.aclose()
-        await self._in_pool.aclose()
-        telemetry.shutdown()
+            await self._out_pool.aclose()
+            await self._in_pool.aclose()
+            telemetry.shutdown()
+        if failure is not None:
+            raise failure
         announce("stopped", service=config.service, instance_id=instance_id)
 
     def _start_telemetry(self, instance_id: str) -> TelemetryPipeline:
@@ -359,3 +370,11 @@ class Sidecar:
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _first_failure(tasks: list[asyncio.Task[Any]]) -> BaseException | None:
+    """The error of the first background task that ended with one, if any."""
+    for task in tasks:
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            return task.exception()
+    return None
