@@ -45,8 +45,11 @@ class LeaseKeeper:
         self._on_new_lease = on_new_lease
         self._retry_interval = retry_interval
         self._records: dict[str, bytes] = {}
+        # One put at a time, each sending the record's latest value: a re-grant's
+        # put of every record must not overwrite a newer put (say, `draining`).
+        self._put_lock = asyncio.Lock()
         self._lease_id: int | None = None
-        self._last_ok = 0.0
+        self._last_ok = 0.0  # when the last successful grant or refresh was *sent*
         self._synced = False
         self._outage = OutageLog(
             log, down=lambda exc: f"etcd unreachable, keeping the last registration: {exc}"
@@ -62,13 +65,15 @@ class LeaseKeeper:
     async def put(self, key: str, value: bytes) -> None:
         """Keep ``key`` = ``value`` under the lease (now if etcd answers, else on reconnect)."""
         self._records[key] = value
-        if self._lease_id is None or self._revoked:
-            return
-        try:
-            await self._client.put(key, value, lease=self._lease_id)
-        except (EtcdUnavailable, EtcdError) as exc:
-            self._synced = False  # the refresh loop puts every record again
-            self._outage.failed(exc)
+        async with self._put_lock:
+            lease_id = self._lease_id
+            if lease_id is None or self._revoked:
+                return  # the next grant puts every record
+            try:
+                await self._client.put(key, self._records[key], lease=lease_id)
+            except (EtcdUnavailable, EtcdError) as exc:
+                self._synced = False  # the refresh loop puts every record again
+                self._outage.failed(exc)
 
     async def run(self) -> None:
         while not self._revoked:
@@ -82,17 +87,20 @@ class LeaseKeeper:
 
     async def _grant(self) -> None:
         try:
+            sent_at = self._clock()
             lease_id = await self._client.grant_lease(self.ttl)
             if self._revoked:  # revoke() ran while the grant was in flight
                 await self._client.revoke_lease(lease_id)
                 return
             self._lease_id = lease_id
-            self._last_ok = self._clock()
+            self._last_ok = sent_at
             await self._put_all()
         except (EtcdUnavailable, EtcdError) as exc:
             self._lease_id = None
             self._outage.failed(exc)
             await self._sleep(self._retry_interval)
+            return
+        if self._revoked:  # revoke() ran while the records were being put
             return
         self.grants += 1
         self._outage.recovered()
@@ -108,6 +116,9 @@ class LeaseKeeper:
 
     async def _refresh(self) -> None:
         assert self._lease_id is not None
+        # etcd restarts the TTL when it handles the refresh, some time after we sent
+        # it: counting from the send time never overestimates the lease.
+        sent_at = self._clock()
         try:
             ttl_left = await self._client.refresh_lease(self._lease_id)
         except (EtcdUnavailable, EtcdError) as exc:
@@ -118,7 +129,7 @@ class LeaseKeeper:
         if ttl_left <= 0:
             self._lose("etcd says it expired or was revoked")
             return
-        self._last_ok = self._clock()
+        self._last_ok = sent_at
         self._outage.recovered()
         if not self._synced:
             try:
@@ -127,14 +138,17 @@ class LeaseKeeper:
                 self._outage.failed(exc)
 
     async def _put_all(self) -> None:
-        lease_id = self._lease_id
-        assert lease_id is not None
-        self._synced = False
-        for key, value in list(self._records.items()):
-            if self._revoked or self._lease_id != lease_id:
-                return  # never put a record under a lease we no longer hold
-            await self._client.put(key, value, lease=lease_id)
-        self._synced = True
+        async with self._put_lock:
+            lease_id = self._lease_id
+            if lease_id is None or self._revoked:
+                return  # lost or revoked while waiting for a put in flight
+            self._synced = False
+            for key in list(self._records):
+                if self._revoked or self._lease_id != lease_id:
+                    return  # never put a record under a lease we no longer hold
+                # The latest value, read now: put() may have changed it meanwhile.
+                await self._client.put(key, self._records[key], lease=lease_id)
+            self._synced = True
 
     def _lose(self, why: str) -> None:
         log.warning("lease %x lost (%s): granting a new one", self._lease_id or 0, why)

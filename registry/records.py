@@ -20,7 +20,9 @@ MAX_WEIGHT = 1000
 
 def validate_weight(weight: int) -> int:
     if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= MAX_WEIGHT:
-        raise InvalidName(f"invalid weight {weight!r}: must be an integer from 1 to {MAX_WEIGHT}")
+        raise InvalidName(
+            f"invalid weight {describe(weight)}: must be an integer from 1 to {MAX_WEIGHT}"
+        )
     return weight
 
 
@@ -47,15 +49,9 @@ class InstanceRecord:
         validate_service(self.service)
         validate_weight(self.weight)
         if self.state not in STATES:
-            raise InvalidName(f"invalid state {self.state!r}: must be one of {STATES}")
-        host, sep, port = self.address.rpartition(":")
-        if (
-            not sep
-            or not host
-            or not (port.isascii() and port.isdigit())
-            or not 0 < int(port) < 65536
-        ):
-            raise InvalidName(f"invalid address {self.address!r}: must be HOST:PORT")
+            raise InvalidName(f"invalid state {describe(self.state)}: must be one of {STATES}")
+        if not _is_host_port(self.address):
+            raise InvalidName(f"invalid address {describe(self.address)}: must be HOST:PORT")
 
     @property
     def serving(self) -> bool:
@@ -72,8 +68,8 @@ class InstanceRecord:
         """Parse a stored record; raise RecordError on anything malformed."""
         try:
             doc = json.loads(raw)
-        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-            raise RecordError(f"not JSON: {exc}") from exc
+        except (ValueError, RecursionError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+            raise record_error(f"not JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise RecordError(f"expected a JSON object, got {type(doc).__name__}")
         try:
@@ -89,8 +85,9 @@ class InstanceRecord:
                 started_at=float(_field(doc, "started_at", (int, float), 0.0)),
                 unary_methods=tuple(_string_list(doc, "unary_methods")),
             )
-        except (InvalidName, OverflowError) as exc:
-            raise RecordError(str(exc)) from exc
+        except (InvalidName, OverflowError, ValueError, TypeError) as exc:
+            # Whatever a field's validation raises, the record is skipped, never fatal.
+            raise record_error(str(exc)) from exc
 
 
 class _Stored(Protocol):
@@ -111,6 +108,43 @@ def parse_or_skip(stored: Iterable[S], parse: Callable[[S], R], logger: logging.
         except (RecordError, InvalidName) as exc:
             logger.warning("skipping %s: %s", item.key, exc)
     return parsed
+
+
+MAX_PORT_DIGITS = 5  # bounds the int() below: a longer string is never a port
+
+
+def _is_host_port(address: object) -> bool:
+    if not isinstance(address, str):
+        return False
+    host, sep, port = address.rpartition(":")
+    return (
+        bool(sep and host)
+        and port.isascii()
+        and port.isdigit()
+        and len(port) <= MAX_PORT_DIGITS
+        and 0 < int(port) < 65536
+    )
+
+
+MAX_SHOWN = 80  # characters of a bad value quoted in an error message
+MAX_MESSAGE = 300  # characters of a record error: one log line, whatever the record holds
+
+
+def describe(value: object) -> str:
+    """repr() of a bad value for an error message: one short line, whatever the value."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):  # an int past the max-str-digits limit, deep nesting
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= MAX_SHOWN else f"{text[: MAX_SHOWN - 3]}..."
+
+
+def record_error(message: str) -> RecordError:
+    """A RecordError whose message is one line of bounded length."""
+    line = " ".join(message.splitlines())
+    if len(line) > MAX_MESSAGE:
+        line = f"{line[: MAX_MESSAGE - 3]}..."
+    return RecordError(line)
 
 
 _MISSING: Any = object()

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Self, TypeVar
 
 from registry.errors import ConfigError, RecordError
+from registry.records import describe, record_error
 
 INFLIGHT = "inflight"
 RPS = "rps"
@@ -27,6 +28,7 @@ MODES = (REACTIVE, PREDICTIVE)
 
 MAX_REPLICAS = 10_000
 MAX_WINDOW_S = 3600.0
+MAX_TERM = 2**63 - 1  # a term is an etcd revision: an int64
 DEFAULT_TOLERANCE = 0.1
 DEFAULT_SCALE_UP_WINDOW_S = 0.0
 DEFAULT_SCALE_DOWN_WINDOW_S = 300.0
@@ -142,7 +144,7 @@ class Target:
         what = "invalid target"
         _check_int(self, what, "replicas", low=0, high=MAX_REPLICAS)
         _check_int(self, what, "previous", low=0, high=MAX_REPLICAS)
-        _check_int(self, what, "term", low=0)
+        _check_int(self, what, "term", low=0, high=MAX_TERM)
         _check_float(self, what, "metric", low=0.0)
         _check_float(self, what, "decided_at", low=0.0)
         for name in ("reason", "leader"):
@@ -178,7 +180,7 @@ def _check_int(record: object, what: str, name: str, *, low: int, high: int | No
         ok = value <= high
     if not ok:
         bounds = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise ConfigError(f"{what}: {name} must be an integer {bounds}, got {value!r}")
+        raise ConfigError(f"{what}: {name} must be an integer {bounds}, got {describe(value)}")
 
 
 def _check_float(
@@ -196,7 +198,7 @@ def _check_float(
     bounds = f"{'>' if low_open else '>='} {low:g}"
     if high is not None:
         bounds += f" and {'<' if high_open else '<='} {high:g}"
-    problem = f"{what}: {name} must be a finite number {bounds}, got {value!r}"
+    problem = f"{what}: {name} must be a finite number {bounds}, got {describe(value)}"
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(problem)
     try:
@@ -215,7 +217,9 @@ def _check_float(
 
 def _check_choice(what: str, name: str, value: object, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{what}: {name} must be one of {', '.join(choices)}; got {value!r}")
+        raise ConfigError(
+            f"{what}: {name} must be one of {', '.join(choices)}; got {describe(value)}"
+        )
 
 
 # -- JSON ------------------------------------------------------------------------------
@@ -233,7 +237,7 @@ def _load(raw: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
-        raise RecordError(f"not JSON: {exc}") from exc
+        raise record_error(f"not JSON: {exc}") from exc
     if not isinstance(doc, dict):
         raise RecordError(f"expected a JSON object, got {type(doc).__name__}")
     return doc
@@ -254,4 +258,4 @@ def _build(cls: type[R], **values: Any) -> R:
     try:
         return cls(**values)
     except (ConfigError, OverflowError, ValueError, TypeError) as exc:
-        raise RecordError(str(exc)) from exc
+        raise record_error(str(exc)) from exc

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import pytest
 
@@ -22,6 +21,7 @@ from registry.embedded import EmbeddedEtcd
 from registry.errors import MeshError, NotLeader
 from registry.etcd import EtcdClient, EtcdConfig
 from registry.keys import KeyLayout
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -75,20 +75,6 @@ class PausableClient(EtcdClient):
             fence_key=fence_key,
             fence_create_revision=fence_create_revision,
         )
-
-
-async def eventually(check: Callable[[], object], *, within: float, what: str) -> float:
-    """Poll ``check`` (sync or async) until truthy; return how long it took."""
-    start = time.monotonic()
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return time.monotonic() - start
-        if time.monotonic() - start > within:
-            raise AssertionError(f"{what}: not within {within} s")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

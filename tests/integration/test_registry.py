@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ import ssl
 import subprocess
 import time
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -35,6 +34,7 @@ from registry.lease import LeaseKeeper
 from registry.records import InstanceRecord
 from registry.topology import Topology, TopologyWatch, read_topology
 from tests.integration.certs import Pki, make_pki, openssl
+from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -53,28 +53,6 @@ def record(instance_id: str, service: str = "echo", **fields: Any) -> InstanceRe
 def ids(topology: Topology) -> set[str]:
     """The topology as a set of ``service/id`` strings."""
     return {f"{service}/{i}" for service, instances in topology.services.items() for i in instances}
-
-
-async def eventually(
-    check: Callable[[], object],
-    *,
-    within: float,
-    what: str,
-    task: asyncio.Task[None] | None = None,
-) -> None:
-    """Poll ``check`` (sync or async) until it is truthy; fail early if ``task`` died."""
-    deadline = time.monotonic() + within
-    while True:
-        result = check()
-        if inspect.isawaitable(result):
-            result = await result
-        if result:
-            return
-        if task is not None and task.done():
-            raise AssertionError(f"{what}: the task ended: {task.exception()!r}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within} s")
-        await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -872,6 +850,10 @@ _CRASHING = {
     ).encode(),
     "huge-started-at": json.dumps(
         {"id": "bad", "service": "echo", "address": "127.0.0.1:1", "started_at": 10**400}
+    ).encode(),
+    # int() of more than 4300 digits raises ValueError (Python's max-str-digits limit)
+    "huge-digit-port": json.dumps(
+        {"id": "bad", "service": "echo", "address": "127.0.0.1:" + "1" * 5000}
     ).encode(),
 }
 

@@ -53,6 +53,7 @@ class FakeEtcd:
     store: dict[str, tuple[bytes, int | None]] = field(default_factory=dict)
     live: set[int] = field(default_factory=set)
     next_lease: int = 0x1000
+    refresh_latency: float = 0.0  # seconds between sending a refresh and its reply
     # Hooks run inside a call, to act "while the request is in flight".
     after_put: Callable[[], Awaitable[None]] | None = None
     before_grant_returns: Callable[[], Awaitable[None]] | None = None
@@ -81,6 +82,8 @@ class FakeEtcd:
     async def refresh_lease(self, lease_id: int) -> int:
         self._check("refresh")
         self.calls.append(Call(self.clock.now, "refresh", lease_id))
+        if self.refresh_latency:
+            await self.clock.sleep(self.refresh_latency)
         if lease_id not in self.live:
             return 0
         return 10
@@ -437,3 +440,94 @@ async def test_revoke_during_a_grant_leaves_no_record_behind() -> None:
     await h.until(2)
     await h.stop()
     assert h.etcd.store == {}
+
+
+@synchronously
+async def test_a_put_during_the_put_of_every_record_after_a_regrant_is_never_overwritten() -> None:
+    # The drain marks the instance `draining` while a re-grant is putting every
+    # record again: the re-grant must not then write its older `serving` value
+    # over it, or peers keep routing to a draining instance.
+    h = Harness(ttl=9)
+    await h.keeper.put("/k/load", b"L")
+    await h.keeper.put("/k/instance", b"serving")
+    h.start()
+    await h.until(4)
+    first = h.keeper.lease_id
+    assert first is not None
+    drains: list[asyncio.Task[None]] = []
+    asked_at: list[int] = []  # len(calls) when the drain asked for `draining`
+
+    async def drain_meanwhile() -> None:
+        # Another task (the drain) calls put() while the re-grant's put of
+        # /k/load is in flight; give it every chance to run as far as it can.
+        asked_at.append(len(h.etcd.calls))
+        drains.append(asyncio.create_task(h.keeper.put("/k/instance", b"draining")))
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    h.etcd.expire(first)  # the refresh at t=6 says TTL 0: re-grant, put every record
+    h.etcd.after_put = drain_meanwhile
+    await h.until(7)
+    assert len(drains) == 1
+    await asyncio.wait_for(drains[0], timeout=5)
+    second = h.keeper.lease_id
+    assert second is not None and second != first
+    assert h.etcd.store["/k/instance"] == (b"draining", second)
+    # Nothing wrote the old value once the drain had asked for `draining`.
+    later = [c.value for c in h.etcd.calls[asked_at[0] :] if c.key == "/k/instance"]
+    assert later and set(later) == {b"draining"}
+    # And it stays so: no later resync brings `serving` back.
+    await h.until(20)
+    await h.stop()
+    assert h.etcd.store["/k/instance"] == (b"draining", second)
+    h.assert_never_put_without_lease()
+
+
+@synchronously
+async def test_puts_go_out_one_at_a_time_with_the_latest_value() -> None:
+    h = Harness(ttl=9)
+    await h.keeper.put("/k/a", b"A0")
+    h.start()
+    await h.until(1)
+    lease = h.keeper.lease_id
+    in_flight = 0
+    most = 0
+    real_put = h.etcd.put
+
+    async def slow_put(key: str, value: bytes, *, lease: int | None) -> int:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        in_flight -= 1
+        return await real_put(key, value, lease=lease)
+
+    h.etcd.put = slow_put  # type: ignore[method-assign]
+    await asyncio.gather(*(h.keeper.put("/k/a", f"A{i}".encode()) for i in range(1, 6)))
+    await h.stop()
+    assert most == 1
+    assert h.etcd.store["/k/a"] == (b"A5", lease)
+
+
+@synchronously
+async def test_lease_loss_is_counted_from_when_the_last_good_refresh_was_sent() -> None:
+    # etcd restarts the TTL when it handles a refresh, which may be long before
+    # its reply arrives: a slow reply must not stretch our trust in the lease.
+    h = Harness(ttl=9, retry_interval=0.5)
+    await h.keeper.put("/k/a", b"A")
+    h.start()
+    await h.until(1)
+    first = h.keeper.lease_id
+    assert first is not None
+    h.etcd.refresh_latency = 2.0  # the refresh sent at t=3 is answered at t=5
+    await h.until(5)
+    h.etcd.refresh_latency = 0.0
+    h.etcd.down = True
+    assert [c.at for c in h.etcd.ops("refresh")] == [3.0]
+    await h.until(11.9)
+    assert h.keeper.lease_id == first  # less than a TTL since the refresh was sent
+    await h.until(12.1)
+    # 9 s after the refresh was sent at t=3, not after its reply at t=5.
+    assert h.keeper.lease_id is None and not h.keeper.granted.is_set()
+    await h.stop()

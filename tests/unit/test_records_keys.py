@@ -373,3 +373,105 @@ def test_constructor_validates(field: str, value: Any) -> None:
 
 def test_ipv6_addresses_are_accepted() -> None:
     assert InstanceRecord(id="i1", service="echo", address="[::1]:15002").address == ("[::1]:15002")
+
+
+# -- hostile records: RecordError with one short line, never another exception ------
+
+_BASE = {"id": "i1", "service": "echo", "address": "h:1"}
+
+
+def _assert_record_error(raw: bytes) -> RecordError:
+    try:
+        InstanceRecord.from_json(raw)
+    except RecordError as exc:
+        message = str(exc)
+        assert "\n" not in message and len(message) <= 300, message[:400]
+        return exc
+    raise AssertionError(f"parsed: {raw[:80]!r}")
+
+
+@pytest.mark.parametrize(
+    "port",
+    [
+        "1" * 4301,  # past Python's int max-str-digits: int() raises ValueError
+        "9" * 100_000,
+        "6" * 4300,
+        "123456",
+        "000001",  # six digits, even if the number is small
+    ],
+    ids=["4301-digits", "100k-digits", "4300-digits", "6-digits", "padded"],
+)
+def test_from_json_rejects_a_huge_digit_port_with_record_error(port: str) -> None:
+    exc = _assert_record_error(json.dumps({**_BASE, "address": f"h:{port}"}).encode())
+    assert "invalid address" in str(exc)
+
+
+def test_constructor_rejects_a_huge_digit_port_with_invalid_name() -> None:
+    with pytest.raises(InvalidName, match="invalid address"):
+        InstanceRecord(id="i1", service="echo", address="h:" + "1" * 5000)
+
+
+@pytest.mark.parametrize("raw", [None, 42, 1.5, [b"{}"], {"id": "i1"}])
+def test_from_json_rejects_what_is_not_text_with_record_error(raw: Any) -> None:
+    with pytest.raises(RecordError, match="not JSON"):
+        InstanceRecord.from_json(raw)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"id": "x" * 1_000_000},
+        {"service": "e" * 1_000_000},
+        {"state": "s" * 1_000_000},
+        {"weight": int("9" * 4300)},
+        {"weight": -(10**300)},
+        {"started_at": int("9" * 4300)},
+        {"address": ":" * 100_000},
+        {"address": "h\n:1\n" + "7" * 10_000},
+        {"zone": [[[[[]]]]]},
+        {"grpc_services": [["nested"]]},
+        {"unary_methods": [{"a": [1, 2, {"b": None}]}]},
+    ],
+)
+def test_from_json_rejects_hostile_fields_with_a_short_record_error(
+    changes: dict[str, Any],
+) -> None:
+    _assert_record_error(json.dumps({**_BASE, **changes}).encode())
+
+
+@pytest.mark.parametrize(
+    "literal", [b"NaN", b"-Infinity", b"1" * 4301, b"1e99999", b"-" + b"9" * 5000]
+)
+@pytest.mark.parametrize("name", ["weight", "started_at", "address", "zone", "id"])
+def test_from_json_rejects_hostile_numbers_in_any_field(name: str, literal: bytes) -> None:
+    raw = json.dumps({**_BASE, name: "@"}).encode().replace(b'"@"', literal)
+    _assert_record_error(raw)
+
+
+json_leaves = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12)
+json_values = st.recursive(
+    json_leaves,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children),
+    max_leaves=10,
+)
+ports = (
+    st.text(alphabet="0123456789\u00b2\u0663-+ ", max_size=7)
+    | st.integers(min_value=0, max_value=99_999).map(str)
+    | st.integers(min_value=4290, max_value=20_000).map(lambda n: "7" * n)
+)
+addresses = st.builds(lambda host, port: f"{host}:{port}", st.text(max_size=8), ports)
+record_fields = st.sampled_from(sorted(json.loads(full_record().to_json())))
+
+
+@settings(max_examples=300, deadline=None)
+@given(addresses, st.dictionaries(record_fields, json_values, max_size=3))
+def test_any_hostile_record_parses_or_is_a_record_error(
+    address: str, changes: dict[str, Any]
+) -> None:
+    raw = json.dumps({**_BASE, "address": address, **changes}, allow_nan=True).encode()
+    try:
+        record = InstanceRecord.from_json(raw)
+    except RecordError as exc:
+        assert "\n" not in str(exc) and len(str(exc)) <= 300
+    else:
+        assert InstanceRecord.from_json(record.to_json()) == record

@@ -168,7 +168,8 @@ def test_load_validation(updates: dict[str, Any], message: str) -> None:
     [
         ({"replicas": -1}, "replicas must be an integer from 0 to 10000"),
         ({"previous": MAX_REPLICAS + 1}, "previous must be an integer from 0 to 10000"),
-        ({"term": -3}, "term must be an integer >= 0"),
+        ({"term": -3}, "term must be an integer from 0 to 9223372036854775807"),
+        ({"term": 2**63}, "term must be an integer from 0 to 9223372036854775807"),
         ({"metric": float("nan")}, "metric must be a finite number"),
         ({"decided_at": float("inf")}, "decided_at must be a finite number"),
         ({"leader": 7}, "leader must be a string"),
@@ -307,3 +308,80 @@ def test_arbitrary_input_parses_or_is_a_record_error(blob: bytes) -> None:
     for record in (Policy, LoadReport, Target):
         with contextlib.suppress(RecordError):
             record.from_json(blob)
+
+
+# -- hostile values: RecordError with one short line, never another exception -------
+
+
+def assert_short_record_error(record: type[Policy | LoadReport | Target], blob: Any) -> None:
+    try:
+        record.from_json(blob)
+    except RecordError as exc:
+        message = str(exc)
+        assert "\n" not in message and len(message) <= 300, message[:400]
+        return
+    raise AssertionError(f"{record.__name__} parsed {blob!r:.80}")
+
+
+HOSTILE_VALUES: list[Any] = [
+    int("9" * 4300),  # the longest integer JSON can carry
+    -int("9" * 4300),
+    10**400,
+    "x" * 1_000_000,
+    "1" * 5000,
+    [[[[[["nested"]]]]]],
+    {"a": {"b": [1, None, {"c": float("nan")}]}},
+    float("nan"),
+    float("-inf"),
+    None,
+    True,
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE_VALUES, ids=range(len(HOSTILE_VALUES)))
+@pytest.mark.parametrize(
+    ("record", "base"), [(Policy, POLICY), (LoadReport, LOAD), (Target, TARGET)]
+)
+def test_hostile_field_values_are_a_short_record_error(
+    record: type[Policy | LoadReport | Target], base: dict[str, Any], value: Any
+) -> None:
+    for name in base:
+        if record is Target and name in ("reason", "leader") and isinstance(value, str):
+            continue  # any string is a valid reason or leader
+        assert_short_record_error(record, raw(changed(base, **{name: value})))
+
+
+@pytest.mark.parametrize("literal", [b"1" * 4301, b"-" + b"9" * 100_000, b"1e99999", b"NaN"])
+@pytest.mark.parametrize(
+    ("record", "base"), [(Policy, POLICY), (LoadReport, LOAD), (Target, TARGET)]
+)
+def test_hostile_number_literals_are_a_short_record_error(
+    record: type[Policy | LoadReport | Target], base: dict[str, Any], literal: bytes
+) -> None:
+    for name in base:
+        blob = raw(changed(base, **{name: "@"})).replace(b'"@"', literal)
+        assert_short_record_error(record, blob)
+
+
+@pytest.mark.parametrize("blob", [None, 42, ["{}"], {"target": 1}])
+@pytest.mark.parametrize("record", [Policy, LoadReport, Target])
+def test_what_is_not_text_is_a_record_error(
+    record: type[Policy | LoadReport | Target], blob: Any
+) -> None:
+    assert_short_record_error(record, blob)
+
+
+@pytest.mark.parametrize(
+    "updates",
+    [
+        {"max_replicas": 10**5000},  # repr() of it raises ValueError
+        {"target": 10**5000},
+        {"metric": "m" * 1_000_000},
+        {"min_replicas": [[[]]] * 10_000},
+    ],
+    ids=["huge-int", "huge-float", "huge-str", "big-list"],
+)
+def test_validation_of_hostile_values_is_a_short_config_error(updates: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as info:
+        Policy(**changed(POLICY, **updates))
+    assert "\n" not in str(info.value) and len(str(info.value)) <= 300
