@@ -8,6 +8,7 @@ machine (newest first on the way down, always drained with SIGTERM);
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shlex
@@ -21,6 +22,9 @@ from registry.errors import ConfigError, MeshError
 
 log = logging.getLogger(__name__)
 
+KILL_WAIT_S = 5.0  # after SIGKILL; only a process stuck in the kernel takes longer
+_POLL_S = 0.05
+
 
 class Actuator(Protocol):
     def replicas(self, service: str) -> int | None:
@@ -28,6 +32,10 @@ class Actuator(Protocol):
 
     async def apply(self, service: str, replicas: int) -> None:
         """Converge ``service`` towards ``replicas``."""
+
+    def new_term(self) -> None:
+        """A leadership starts: forget what was cached about the outside world, which
+        another leader may have changed since this one last acted."""
 
     async def aclose(self) -> None: ...
 
@@ -41,6 +49,9 @@ class NoActuator:
     async def apply(self, service: str, replicas: int) -> None:
         return None
 
+    def new_term(self) -> None:
+        return None
+
     async def aclose(self) -> None:
         return None
 
@@ -51,7 +62,7 @@ class Launcher(Protocol):
     def start(self, service: str, index: int) -> Any: ...
 
     async def stop(self, handle: Any) -> None:
-        """Drain (SIGTERM) and wait for the instance to exit."""
+        """Drain (SIGTERM) and wait for the instance to exit; kill it after a bound."""
 
 
 @dataclass
@@ -96,16 +107,34 @@ class CommandLauncher:
 
     async def stop(self, handle: Any) -> None:
         proc: subprocess.Popen[bytes] = handle
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(proc.wait), self.drain_timeout)
-        except TimeoutError:
-            log.warning(
-                "instance pid %d did not drain in %ss: killing it", proc.pid, self.drain_timeout
-            )
-            os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.to_thread(proc.wait)
+        _signal_group(proc, signal.SIGTERM)
+        if await _exited(proc, within=self.drain_timeout):
+            return
+        log.warning(
+            "instance pid %d did not drain in %ss: killing it", proc.pid, self.drain_timeout
+        )
+        _signal_group(proc, signal.SIGKILL)
+        if not await _exited(proc, within=KILL_WAIT_S):
+            log.error("instance pid %d still runs %ss after SIGKILL", proc.pid, KILL_WAIT_S)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):  # it exited just now
+            os.killpg(proc.pid, sig)
+
+
+async def _exited(proc: subprocess.Popen[bytes], *, within: float) -> bool:
+    """Wait up to ``within`` seconds for ``proc`` to exit (polled: no thread per instance,
+    so any number of instances can be waited for at once)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while proc.poll() is None:
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(_POLL_S, left))
+    return True
 
 
 class LocalActuator:
@@ -134,19 +163,42 @@ class LocalActuator:
                 self._started[service] = index
                 stack.append(self._launcher.start(service, index))
                 log.info("%s: started instance %d (%d/%d)", service, index, len(stack), replicas)
-            while len(stack) > replicas:
-                newest = stack.pop()  # newest first: the oldest keep their keys
+            if len(stack) > replicas:
+                leaving = stack[replicas:]  # newest first: the oldest keep their keys
+                del stack[replicas:]
                 log.info(
-                    "%s: draining the newest instance (%d -> %d)", service, len(stack) + 1, replicas
+                    "%s: draining the %d newest instances (%d -> %d)",
+                    service,
+                    len(leaving),
+                    len(stack) + len(leaving),
+                    replicas,
                 )
-                await self._launcher.stop(newest)
+                await self._stop_all([(service, handle) for handle in reversed(leaving)])
+
+    def new_term(self) -> None:
+        return None  # what it knows is what it runs itself
 
     async def aclose(self) -> None:
         """Drain and stop every instance started here: they are this process's children,
         as under any supervisor; a scaler that takes over starts its own."""
         async with self._lock:
             stacks, self._stacks = self._stacks, {}
-            for service, stack in stacks.items():
-                while stack:
-                    log.info("%s: stopping instance on shutdown (%d left)", service, len(stack))
-                    await self._launcher.stop(stack.pop())
+            leaving = [(s, handle) for s, stack in stacks.items() for handle in reversed(stack)]
+            if leaving:
+                log.info("stopping %d instances on shutdown", len(leaving))
+            await self._stop_all(leaving)
+
+    async def _stop_all(self, leaving: list[tuple[str, Any]]) -> None:
+        """Stop instances together: all drain at once, so scale-down and shutdown take one
+        drain timeout (then SIGKILL), not one per instance."""
+        results = await asyncio.gather(
+            *(self._launcher.stop(handle) for _, handle in leaving), return_exceptions=True
+        )
+        unexpected: BaseException | None = None
+        for (service, _), result in zip(leaving, results, strict=True):
+            if isinstance(result, (MeshError, OSError)):
+                log.warning("%s: could not stop an instance: %s", service, result)
+            elif isinstance(result, BaseException):
+                unexpected = unexpected or result
+        if unexpected is not None:
+            raise unexpected  # a bug, or a cancellation: after every stop has finished

@@ -1,7 +1,9 @@
 """The kubernetes actuator: patches a Deployment's scale subresource (official client).
 
 Service ``s`` maps to Deployment ``s`` in ``--namespace`` unless a mapping
-says otherwise. The client is synchronous; its calls run in a thread.
+says otherwise. The client is synchronous; its calls run in a thread, each with
+a request timeout (a hung API server must not stall the leader), and whatever
+the client raises comes out as a MeshError (the scaler logs it and goes on).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 from registry.errors import ConfigError, MeshError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_REQUEST_TIMEOUT_S = 5.0
 
 
 def load_apps_api(*, host: str | None = None) -> Any:
@@ -43,17 +47,26 @@ class KubernetesActuator:
         *,
         namespace: str = "default",
         deployments: Mapping[str, str] | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
     ) -> None:
+        if not request_timeout > 0:
+            raise ConfigError(f"request timeout must be > 0 seconds, got {request_timeout}")
         self._api = api
         self._namespace = namespace
         self._deployments = dict(deployments or {})
-        self._known: dict[str, int] = {}
+        # (connect, read) per attempt; the client retries idempotent reads a few times.
+        self._request_timeout = (request_timeout, request_timeout)
+        self._known: dict[str, int] = {}  # spec.replicas as last read or patched this term
 
     def deployment(self, service: str) -> str:
         return self._deployments.get(service, service)
 
     def replicas(self, service: str) -> int | None:
         return self._known.get(service)
+
+    def new_term(self) -> None:
+        # Another leader may have scaled since: read each Deployment again before acting.
+        self._known.clear()
 
     async def read(self, service: str) -> int:
         """The Deployment's desired replicas (spec of its scale subresource)."""
@@ -83,18 +96,33 @@ class KubernetesActuator:
         )
 
     async def _call(self, what: str, method: Any, service: str, *body: Any) -> Any:
-        from kubernetes.client.exceptions import ApiException
-
         name = self.deployment(service)
         try:
-            return await asyncio.to_thread(method, name, self._namespace, *body)
-        except ApiException as exc:
+            return await asyncio.to_thread(
+                method, name, self._namespace, *body, _request_timeout=self._request_timeout
+            )
+        except Exception as exc:  # the client's edge: API errors, urllib3's, bad answers
             self._known.pop(service, None)
             raise MeshError(
-                f"kubernetes {what} of deployment {self._namespace}/{name} failed: {exc.status} {exc.reason}"
+                f"kubernetes {what} of deployment {self._namespace}/{name} failed: {_describe(exc)}"
             ) from exc
 
     async def aclose(self) -> None:
         client = getattr(self._api, "api_client", None)
         if client is not None:
             client.close()
+
+
+def _describe(exc: BaseException) -> str:
+    """One line about a client error: "404 Not Found", "connection refused", ..."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import MaxRetryError
+
+    if isinstance(exc, ApiException):
+        return f"{exc.status} {exc.reason}"
+    if isinstance(exc, MaxRetryError) and exc.reason is not None:
+        exc = exc.reason  # the last attempt's error, not the URL and retry count
+    text = " ".join(str(exc).split())
+    # urllib3 puts the connection object first: "<...Connection object at 0x...>: Failed to ..."
+    text = text.split(">: ", 1)[-1]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

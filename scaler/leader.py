@@ -98,32 +98,43 @@ class Scaler:
 
     async def run(self, stop: asyncio.Event) -> None:
         config = self.config
-        async with (
-            EtcdClient(config.etcd) as etcd,
-            Election(etcd, self.layout, candidate_id=config.scaler_id, ttl=config.ttl) as election,
-        ):
-            announce("candidate", id=config.scaler_id)
-            while not stop.is_set():
-                term = await _until(election.campaign(), stop)
-                if term is None:
-                    break
-                announce("leading", id=config.scaler_id, term=term)
-                await self._lead(etcd, election, term, stop)
-                announce("following", id=config.scaler_id, term=term)
-            await election.resign()
-        await self.actuator.aclose()
+        try:
+            async with (
+                EtcdClient(config.etcd) as etcd,
+                Election(
+                    etcd, self.layout, candidate_id=config.scaler_id, ttl=config.ttl
+                ) as election,
+            ):
+                announce("candidate", id=config.scaler_id)
+                while not stop.is_set():
+                    term = await _until(election.campaign(), stop)
+                    if term is None:
+                        break
+                    announce("leading", id=config.scaler_id, term=term)
+                    await self._lead(etcd, election, term, stop)
+                    announce("following", id=config.scaler_id, term=term)
+                await election.resign()
+        finally:
+            # Also on a crash: the local actuator's instances run in sessions of their own
+            # and would outlive us.
+            await self.actuator.aclose()
 
     async def _lead(
         self, etcd: EtcdClient, election: Election, term: int, stop: asyncio.Event
     ) -> None:
         self.recommender = Recommender()  # history comes from targets/, not a past term
+        self.actuator.new_term()  # another leader may have acted meanwhile
         seeded = False
-        while election.is_leader and not stop.is_set():
+        while _leads(election, term) and not stop.is_set():
             try:
                 targets = await read_targets(etcd, self.layout)
                 if not seeded:
+                    # As the HPA seeds with (now, current replicas): the count in force
+                    # holds for a whole scale-down window from the takeover, however long
+                    # ago the previous leader decided it.
+                    now = self._wall()
                     for service, target in targets.items():
-                        self.recommender.remember(service, target.decided_at, target.replicas)
+                        self.recommender.remember(service, now, target.replicas)
                     seeded = True
                 await self.evaluate(etcd, election, term, targets)
                 self._outage.recovered()
@@ -139,7 +150,10 @@ class Scaler:
     async def evaluate(
         self, etcd: EtcdClient, election: Election, term: int, targets: Mapping[str, Target]
     ) -> dict[str, Target]:
-        """One period: decide every service with a policy, write what changed, act."""
+        """One period: decide every service with a policy, write what changed, act.
+
+        Raises NotLeader, acting no further, once ``term`` is over.
+        """
         layout = self.layout
         policy_kvs, _ = await etcd.get_prefix(layout.policies)
         policies: dict[str, Policy] = dict(
@@ -199,6 +213,11 @@ class Scaler:
                 await election.put_fenced(layout.target(service), target.to_json(), term=term)
                 log.info("%s: target %d (%s)", service, replicas, reason)
                 written[service] = target
+            # The target write is fenced in etcd; the actuator cannot be, so look again
+            # right before each call: a leader that stalled (in an earlier apply, say)
+            # must not re-apply an old count after a new leader scaled.
+            if not _leads(election, term):
+                raise NotLeader(f"term {term} is over: not applying {service} {replicas}")
             try:
                 await self.actuator.apply(service, replicas)
             except (MeshError, OSError) as exc:
@@ -214,6 +233,11 @@ class Scaler:
         if target is not None:
             return target.replicas
         return serving
+
+
+def _leads(election: Election, term: int) -> bool:
+    """Still leading, and in the same term (not deposed and elected again meanwhile)."""
+    return election.is_leader and election.term == term
 
 
 async def _until(work: Any, *others: Any) -> Any:

@@ -210,8 +210,10 @@ class Recommender:
         self._memory.pop(service, None)
 
     def remember(self, service: str, ts: float, recommendation: int) -> None:
-        """Seed the stabilization history, e.g. from the ``targets/`` record a previous
-        leader wrote, so a new leader does not scale down the moment it takes over."""
+        """Seed the stabilization history. A new leader remembers each ``targets/``
+        count at the time it takes over (as the HPA seeds with now and the current
+        replicas), not at the target's ``decided_at``: a seed older than the
+        scale-down window would drop out at once and let it scale down straight away."""
         memory = self._memory.setdefault(service, _ServiceMemory())
         memory.history.append((ts, recommendation))
         memory.history.sort(key=lambda entry: entry[0])
