@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,11 @@ class EtcdConfig:
                 continue
             if "://" not in url:
                 url = "http://" + url
-            parts = urlsplit(url)
-            shown = _without_password(url, parts.password)
+            shown = _without_password(url)
+            try:
+                parts = urlsplit(url)
+            except ValueError as exc:  # e.g. "http://[::1" or "http://[zz]:1"
+                raise ConfigError(f"invalid etcd endpoint {shown!r}: {exc}") from None
             if parts.scheme not in ("http", "https") or not parts.hostname:
                 raise ConfigError(f"invalid etcd endpoint {shown!r}: expected http(s)://HOST:PORT")
             if parts.path not in ("", "/") or parts.query or parts.fragment:
@@ -82,6 +86,10 @@ class EtcdConfig:
         return config
 
     def validate(self) -> None:
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ConfigError(
+                f"etcd timeout must be a finite number of seconds > 0, got {self.timeout!r}"
+            )
         if (self.user is None) != (self.password is None):
             raise ConfigError("etcd user and password must be given together")
         if (self.cert_file is None) != (self.key_file is None):
@@ -101,9 +109,18 @@ class EtcdConfig:
         return f"{families.pop()}:" + ",".join(address for _, address in resolved)
 
 
-def _without_password(url: str, password: str | None) -> str:
-    """``url`` fit for an error message."""
-    return url if not password else url.replace(f":{password}@", ":***@", 1)
+def _without_password(url: str) -> str:
+    """``url`` fit for an error message, even one urlsplit cannot parse.
+
+    Everything between the user's ``:`` and the last ``@`` is hidden: that
+    over-hides rather than leaks when the password itself holds ``@`` or ``/``.
+    """
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 def _resolve(endpoint: str) -> tuple[str, str]:

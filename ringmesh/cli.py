@@ -61,7 +61,7 @@ def build_parser() -> EnvParser:
         action="append",
         default=[],
         metavar="GLOB",
-        help="method paths safe to retry, e.g. '/pkg.Svc/*' (repeatable)",
+        help="method paths safe to retry, e.g. '/pkg.Svc/*' (repeatable; env: one per line)",
     )
     sidecar.option(
         "--report-interval",
@@ -100,7 +100,8 @@ def build_parser() -> EnvParser:
         action="append",
         default=[],
         metavar="SERVICE=TEMPLATE",
-        help="local actuator: command starting one instance ({service} {index} {etcd} {prefix})",
+        help="local actuator: command starting one instance ({service} {index} {etcd} {prefix}); "
+        "repeatable; env: one per line",
     )
     scaler.option(
         "--namespace", default="default", help="kubernetes actuator: the Deployments' namespace"
@@ -114,18 +115,10 @@ def build_parser() -> EnvParser:
     set_.option("--min", type=int, required=True, help="fewest replicas")
     set_.option("--max", type=int, required=True, help="most replicas")
     set_.option("--metric", required=True, choices=METRICS, help="what to hold at the target")
-    set_.add_argument(
-        "--target", type=float, required=True, help="per-instance target of the metric"
-    )
-    set_.add_argument(
-        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="no change within it"
-    )
-    set_.add_argument(
-        "--scale-up-window", type=float, default=DEFAULT_SCALE_UP_WINDOW_S, metavar="S"
-    )
-    set_.add_argument(
-        "--scale-down-window", type=float, default=DEFAULT_SCALE_DOWN_WINDOW_S, metavar="S"
-    )
+    set_.option("--target", type=float, required=True, help="per-instance target of the metric")
+    set_.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="no change within it")
+    set_.option("--scale-up-window", type=float, default=DEFAULT_SCALE_UP_WINDOW_S, metavar="S")
+    set_.option("--scale-down-window", type=float, default=DEFAULT_SCALE_DOWN_WINDOW_S, metavar="S")
     set_.option("--mode", choices=MODES, default=REACTIVE)
     add_etcd_options(set_)
     for name, text in (

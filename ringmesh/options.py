@@ -1,14 +1,21 @@
 """Command-line options with environment fallbacks: every flag reads RINGMESH_<FLAG>.
 
-The environment is read here and nowhere else, once, while the parser is built
-(plus OpenTelemetry's OTEL_EXPORTER_OTLP_ENDPOINT, read once at start-up).
+The environment is read here and nowhere else, once, when the command line is
+parsed, and only for the (sub)command that runs: a bad RINGMESH_WEIGHT breaks
+`ringmesh sidecar`, not `ringmesh policy get`. (OpenTelemetry's
+OTEL_EXPORTER_OTLP_ENDPOINT is read once at start-up.)
+
+A repeatable flag's variable holds one value per line (blank lines ignored):
+commas and spaces stay inside a value, so a --command template survives whole.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from registry.etcd import DEFAULT_ETCD, EtcdConfig
@@ -19,47 +26,96 @@ def env_name(flag: str) -> str:
     return "RINGMESH_" + flag.lstrip("-").upper().replace("-", "_")
 
 
+def positive_seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (not 0, not nan, not inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class _EnvOption:
+    """A flag's RINGMESH_ variable and what the flag declared without it."""
+
+    action: argparse.Action
+    variable: str
+    kind: str  # "flag" (store_true), "list" (append) or "value"
+    kwargs: dict[str, Any]
+    default: Any
+    required: bool
+
+
 class EnvParser(argparse.ArgumentParser):
     """An ArgumentParser whose option defaults come from RINGMESH_* variables."""
 
     def __init__(self, *args: Any, environ: Mapping[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.environ = os.environ if environ is None else environ
+        self._env_options: list[_EnvOption] = []
 
     def error(self, message: str) -> NoReturn:
         """One clear line on stderr and exit 2 (the contract), not argparse's usage dump."""
         self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
     def option(self, *flags: str, **kwargs: Any) -> argparse.Action:
+        """add_argument, plus the RINGMESH_<FLAG> fallback (read when this parser parses)."""
         long_flag = next(f for f in flags if f.startswith("--"))
         name = env_name(long_flag)
-        raw = self.environ.get(name)
-        if raw is not None and raw != "":
-            kwargs["default"] = self._from_env(name, raw, kwargs)
-            kwargs["required"] = False
-            if kwargs.get("action") == "append":
-                kwargs["action"] = _AppendOverridingDefault
+        kind = {"store_true": "flag", "append": "list"}.get(kwargs.get("action", ""), "value")
+        if kind == "list":
+            kwargs["action"] = _AppendOverridingDefault
         help_text = kwargs.get("help", "")
         kwargs["help"] = f"{help_text} [env {name}]".strip()
-        return self.add_argument(*flags, **kwargs)
+        action = self.add_argument(*flags, **kwargs)
+        self._env_options.append(
+            _EnvOption(action, name, kind, dict(kwargs), action.default, action.required)
+        )
+        return action
 
-    def _from_env(self, name: str, raw: str, kwargs: dict[str, Any]) -> Any:
-        action = kwargs.get("action")
-        if action == "store_true":
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # argparse calls this on the chosen subcommand's parser only, so the
+        # variables of the other subcommands are never read, let alone parsed.
+        self._apply_environment()
+        return super().parse_known_args(args, namespace)
+
+    def _apply_environment(self) -> None:
+        for option in self._env_options:
+            raw = self.environ.get(option.variable)
+            if raw is None or raw == "":
+                option.action.default = option.default
+                option.action.required = option.required
+            else:
+                option.action.default = self._from_env(option, raw)
+                option.action.required = False
+
+    def _from_env(self, option: _EnvOption, raw: str) -> Any:
+        name = option.variable
+        if option.kind == "flag":
             word = raw.strip().lower()
             if word not in _TRUE | _FALSE:
                 self.error(
                     f"invalid value in {name}: {raw!r} (expected 1/0, true/false, yes/no, on/off)"
                 )
             return word in _TRUE
-        if action == "append":
-            return [v for v in raw.split(",") if v]
-        kind = kwargs.get("type", str)
+        if option.kind == "list":
+            lines = [line.strip() for line in raw.splitlines()]
+            return [self._value(option, line) for line in lines if line]
+        return self._value(option, raw)
+
+    def _value(self, option: _EnvOption, raw: str) -> Any:
+        name = option.variable
+        kind = option.kwargs.get("type", str)
         try:
             value = kind(raw)
+        except argparse.ArgumentTypeError as exc:
+            self.error(f"invalid value in {name}: {exc}")
         except (TypeError, ValueError):
             self.error(f"invalid value in {name}: {raw!r}")
-        choices = kwargs.get("choices")
+        choices = option.kwargs.get("choices")
         if choices is not None and value not in choices:
             self.error(
                 f"invalid value in {name}: {raw!r} (choose from {', '.join(map(str, choices))})"
@@ -103,7 +159,7 @@ def add_etcd_options(parser: EnvParser) -> None:
     parser.option("--etcd-password", metavar="PASSWORD", help="etcd password")
     parser.option(
         "--etcd-timeout",
-        type=float,
+        type=positive_seconds,
         default=3.0,
         metavar="SECONDS",
         help="deadline of each etcd request",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 from collections.abc import Iterator
@@ -61,7 +62,7 @@ def test_environment_supplies_defaults() -> None:
             "RINGMESH_COUNT": "7",
             "RINGMESH_RATIO": "0.25",
             "RINGMESH_VERBOSE": "yes",
-            "RINGMESH_TAG": "a,,b",
+            "RINGMESH_TAG": "a\n\n b \r\n",
             "RINGMESH_DRAIN_GRACE": "2.5",
         }
     )
@@ -120,8 +121,9 @@ def test_flags_override_the_environment() -> None:
 def test_invalid_environment_value_is_a_usage_error(
     variable: str, value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    parser = parser_with({"RINGMESH_NAME": "n", variable: value})  # building reads nothing
     with pytest.raises(SystemExit) as info:
-        parser_with({variable: value})
+        parser.parse_args([])
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert variable in err and repr(value) in err
@@ -172,7 +174,7 @@ def test_cli_reads_ringmesh_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("RINGMESH_SERVICE", "echo")
     monkeypatch.setenv("RINGMESH_APP", "127.0.0.1:50051")
     monkeypatch.setenv("RINGMESH_TTL", "20")
-    monkeypatch.setenv("RINGMESH_IDEMPOTENT", "/demo.Echo/*,/pay.Billing/Get*")
+    monkeypatch.setenv("RINGMESH_IDEMPOTENT", "/demo.Echo/*\n/pay.Billing/Get*")
     monkeypatch.setenv("RINGMESH_LOG_LEVEL", "debug")
     args = build_parser().parse_args(["sidecar"])
     assert args.command == "sidecar"
@@ -214,18 +216,110 @@ def test_cli_sidecar_requires_service_and_app_without_environment(
     assert "--service" in capsys.readouterr().err
 
 
+SIDECAR = ["sidecar", "--service", "echo", "--app", "h:1"]
+
+
 @pytest.mark.parametrize(
-    ("variable", "value"),
-    [("RINGMESH_TTL", "ten"), ("RINGMESH_WEIGHT", "2.5"), ("RINGMESH_ETCD_TIMEOUT", "soon")],
+    ("variable", "value", "argv"),
+    [
+        ("RINGMESH_TTL", "ten", SIDECAR),
+        ("RINGMESH_WEIGHT", "2.5", SIDECAR),
+        ("RINGMESH_ETCD_TIMEOUT", "soon", ["topology"]),
+        ("RINGMESH_ETCD_TIMEOUT", "nan", ["topology"]),
+        ("RINGMESH_ETCD_TIMEOUT", "0", ["topology"]),
+        ("RINGMESH_TARGET", "x", ["policy", "set", "s", "--min", "1", "--max", "2"]),
+    ],
 )
 def test_cli_invalid_environment_value_exits_2(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], variable: str, value: str
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    variable: str,
+    value: str,
+    argv: list[str],
 ) -> None:
     monkeypatch.setenv(variable, value)
     with pytest.raises(SystemExit) as info:
-        main(["topology"])
+        main(argv)
     assert info.value.code == 2
-    assert variable in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert variable in err and repr(value) in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("RINGMESH_WEIGHT", "x"), ("RINGMESH_TTL", "ten"), ("RINGMESH_ACTUATOR", "bogus")],
+)
+def test_cli_other_commands_variables_are_not_read(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    """RINGMESH_WEIGHT belongs to `sidecar`: garbage in it must not break `policy get`."""
+    monkeypatch.setenv(variable, value)
+    args = build_parser().parse_args(["policy", "get", "a"])
+    assert (args.command, args.action, args.service) == ("policy", "get", "a")
+    assert build_parser().parse_args(["topology"]).command == "topology"
+
+
+def test_cli_environment_applies_to_the_nested_command_that_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RINGMESH_ETCD", "http://10.0.0.9:2379")
+    monkeypatch.setenv("RINGMESH_MIN", "bogus")  # a `policy set` flag: not read by `get`
+    args = build_parser().parse_args(["policy", "get", "a"])
+    assert args.etcd == "http://10.0.0.9:2379"
+
+
+def test_cli_policy_set_reads_every_flag_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name, value in {
+        "RINGMESH_MIN": "2",
+        "RINGMESH_MAX": "6",
+        "RINGMESH_METRIC": "rps",
+        "RINGMESH_TARGET": "50",
+        "RINGMESH_TOLERANCE": "0.2",
+        "RINGMESH_SCALE_UP_WINDOW": "15",
+        "RINGMESH_SCALE_DOWN_WINDOW": "120",
+        "RINGMESH_MODE": "predictive",
+    }.items():
+        monkeypatch.setenv(name, value)
+    args = build_parser().parse_args(["policy", "set", "orders"])  # no flag needed
+    assert (args.min, args.max, args.metric, args.mode) == (2, 6, "rps", "predictive")
+    assert (args.target, args.tolerance) == (50.0, 0.2)
+    assert (args.scale_up_window, args.scale_down_window) == (15.0, 120.0)
+    args = build_parser().parse_args(["policy", "set", "orders", "--target", "7"])
+    assert args.target == 7.0  # the flag still wins
+
+
+def _options(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.Action]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _options(sub)
+        elif action.option_strings:
+            yield parser.prog, action
+
+
+def test_cli_every_flag_names_its_environment_variable() -> None:
+    missing = [
+        f"{prog} {action.option_strings[-1]}"
+        for prog, action in _options(build_parser())
+        if not isinstance(action, argparse._HelpAction)
+        and action.option_strings != ["-f"]  # short only: `up -f`, no RINGMESH_ name
+        and f"[env {env_name(action.option_strings[-1])}]" not in (action.help or "")
+    ]
+    assert missing == []
+
+
+def test_cli_template_variable_keeps_commas_and_splits_on_lines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    templates = [
+        "demo=python -m app --peers a,b --label {service},{index}",
+        "web=python -m web --tags x,y,z",
+    ]
+    monkeypatch.setenv("RINGMESH_COMMAND", "\n".join(templates) + "\n")
+    args = build_parser().parse_args(["scaler", "--actuator", "local"])
+    assert args.templates == templates
 
 
 def test_cli_environment_value_outside_choices_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -301,6 +395,47 @@ def test_from_urls_passes_options_through() -> None:
 def test_from_urls_rejects_bad_input(urls: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         EtcdConfig.from_urls(urls)
+
+
+@pytest.mark.parametrize(
+    "urls", ["http://[::1", "http://[zz]:1", "http://a:1,http://[::1", "[fd00::1"]
+)
+def test_from_urls_unparseable_url_is_a_config_error(urls: str) -> None:
+    with pytest.raises(ConfigError, match="invalid etcd endpoint"):
+        EtcdConfig.from_urls(urls)
+
+
+@pytest.mark.parametrize(
+    "urls", ["http://root:s3cret@[::1", "http://root:s3cret@[zz]:1", "http://root:s3cret@h:x"]
+)
+def test_from_urls_errors_hide_the_password(urls: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        EtcdConfig.from_urls(urls)
+    assert "s3cret" not in str(info.value) and "root:***@" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0, float("nan"), float("inf")])
+def test_from_urls_rejects_a_timeout_that_is_not_positive_and_finite(timeout: float) -> None:
+    with pytest.raises(ConfigError, match="etcd timeout"):
+        EtcdConfig.from_urls("http://a:1", timeout=timeout)
+
+
+@pytest.mark.parametrize("value", ["nan", "0", "-1", "inf", "-inf", "soon"])
+def test_cli_bad_etcd_timeout_flag_exits_2(capsys: pytest.CaptureFixture[str], value: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["topology", "--etcd-timeout", value])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--etcd-timeout" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://[zz]:1", "http://u:s3cret@[::1"])
+def test_cli_unparseable_etcd_url_exits_2(capsys: pytest.CaptureFixture[str], url: str) -> None:
+    assert main(["topology", "--etcd", url]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("ringmesh topology: invalid etcd endpoint")
+    assert len(err.splitlines()) == 1 and "s3cret" not in err
 
 
 def test_from_urls_rejects_port_zero() -> None:
