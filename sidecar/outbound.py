@@ -16,6 +16,8 @@ from sidecar.ring import BoundedRing, Peer
 from sidecar.routing import HASH_KEY_HEADER, SERVICE_HEADER, RoutingTable
 from sidecar.stats import DataPlaneStats
 
+_FAILURES = frozenset({Outcome.UNAVAILABLE, Outcome.TIMED_OUT})  # count towards ejection
+
 
 def _peer_id(peer: Peer) -> str:
     return peer.id
@@ -191,7 +193,9 @@ class OutboundDirector:
             # Unreachable, or its app is: as good as a connect failure.
             if ejector.connect_failed(peer_id):
                 self.stats.ejections += 1
-        elif outcome is Outcome.UNAVAILABLE and ejector.failed(peer_id):
+        elif outcome in _FAILURES and ejector.failed(peer_id):
+            # Like Envoy's consecutive gateway failures (502/503/504): a peer that
+            # hangs every call is ejected too, not only one that refuses them.
             self.stats.ejections += 1
 
     def failure_metadata(self, outcome: Outcome) -> Metadata:

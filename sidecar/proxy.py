@@ -141,6 +141,13 @@ class Attempts:
             return None
         return max(0.0, self._deadline - self._loop.time())
 
+    def ended(self, result: Outcome | None) -> Outcome | None:
+        """How an attempt ended, for the director: cut off by the caller's deadline
+        is a timeout (the peer did not answer in time), not a caller leaving."""
+        if result is Outcome.CANCELLED and self.timeout() == 0.0:
+            return Outcome.TIMED_OUT
+        return result
+
     def connect_wait(self) -> float:
         left = self.timeout()
         return _MAX_CONNECT_WAIT if left is None else min(_MAX_CONNECT_WAIT, left / 2)
@@ -341,7 +348,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                         error, outcome, unsent = None, Outcome.NEVER_SENT, str(exc)
                         result = outcome
                     finally:
-                        director.finished(target, result)
+                        director.finished(target, attempts.ended(result))
                     if result is None:
                         self._set_trailing(context, await call.trailing_metadata(), attempts)
                         return response
@@ -399,7 +406,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                         error, outcome, unsent = None, Outcome.NEVER_SENT, str(exc)
                         result = outcome
                     finally:
-                        director.finished(target, result)
+                        director.finished(target, attempts.ended(result))
                         if call is not None and not call.done():
                             call.cancel()  # our caller left while we were yielding
                     if result is None:

@@ -43,6 +43,7 @@ class Outcome(enum.Enum):
     NEVER_SENT = "connect"  # connect failure or refused stream
     NOT_PROCESSED = "not_processed"  # the inbound sidecar could not reach its app
     UNAVAILABLE = "unavailable"  # may or may not have been processed
+    TIMED_OUT = "timed_out"  # the deadline passed upstream: not retried, counts as a failure
     FINAL = "final"  # an answer from the app: never retried
     CANCELLED = "cancelled"  # the caller left or its deadline passed: says nothing of the peer
 
@@ -51,7 +52,7 @@ def classify(
     code: grpc.StatusCode, details: str, trailing: Iterable[tuple[str, str | bytes]]
 ) -> Outcome:
     if code != grpc.StatusCode.UNAVAILABLE:
-        return Outcome.FINAL
+        return Outcome.TIMED_OUT if code == grpc.StatusCode.DEADLINE_EXCEEDED else Outcome.FINAL
     for key, value in trailing:
         if key == NOT_PROCESSED_HEADER and value in ("1", b"1"):
             return Outcome.NOT_PROCESSED

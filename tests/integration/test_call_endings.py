@@ -122,3 +122,18 @@ def test_an_app_cannot_make_the_mesh_retry_a_call_it_ran(mesh: Mesh) -> None:
     assert trailing.get("x-app") == "kept" and "ringmesh-not-processed" not in trailing
     assert trailing.get("ringmesh-attempts") == "1"
     assert served(mesh, echoes) - before - len(echoes) == 1
+
+
+def test_a_peer_that_hangs_every_call_is_ejected(mesh: Mesh) -> None:
+    echoes = [mesh.add("echo") for _ in range(2)]
+    client = mesh.add("client")
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        first = stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=ECHO, timeout=5).instance
+        for _ in range(5):  # its app takes longer than every caller waits
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Echo(demo_pb2.EchoRequest(delay_ms=2000), metadata=ECHO, timeout=0.3)
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert stats(client)["ejected"]["echo"] == [first]
+        reply = stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=ECHO, timeout=5)
+        assert reply.instance != first and reply.instance in {e.name for e in echoes}

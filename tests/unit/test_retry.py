@@ -29,7 +29,7 @@ U = grpc.StatusCode.UNAVAILABLE
         (U, "Socket closed", (), Outcome.UNAVAILABLE),
         (U, "Socket closed", ((NOT_PROCESSED_HEADER, "0"),), Outcome.UNAVAILABLE),
         (grpc.StatusCode.INTERNAL, "failed to connect to all addresses", (), Outcome.FINAL),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", (), Outcome.FINAL),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", (), Outcome.TIMED_OUT),
         (grpc.StatusCode.NOT_FOUND, "", ((NOT_PROCESSED_HEADER, "1"),), Outcome.FINAL),
     ],
 )
