@@ -392,7 +392,9 @@ class Election(AsyncClosing):
             return
         self._elected.clear()
         self.leader_lost.set()
-        log.warning(
+        # Resigning is the normal way out (shutdown); anything else is worth a warning.
+        log.log(
+            logging.INFO if why == "resigned" else logging.WARNING,
             "%s no longer leads %s (term %d): %s",
             self.candidate_id,
             self.prefix,
