@@ -65,10 +65,13 @@ class RingPlan:
             peer = director.first_choice(self._ring, self._key, self._inflight, self._ejector)
         else:
             if self._order is None:
+                # The ring in force now: the topology may have changed since the
+                # first attempt (an instance left, or started draining).
+                ring = director.table.rings.get(self._name) or self._ring
                 if self._key is not None:
-                    order = self._ring.order(self._key)
+                    order = ring.order(self._key)
                 else:
-                    order = list(self._ring.peers.values())
+                    order = list(ring.peers.values())
                     director.rng.shuffle(order)
                 self._order = self._ejector.usable(order, _peer_id)
             untried = [p for p in self._order if p.id not in self._tried]

@@ -7,6 +7,7 @@ import pytest
 from registry.errors import InvalidName, MeshError, NoLiveInstance, UnknownService
 from registry.records import DRAINING, SERVING, InstanceRecord
 from registry.topology import Registered, Topology
+from sidecar.outbound import OutboundDirector
 from sidecar.ring import Peer
 from sidecar.routing import RoutingTable, grpc_service_of
 
@@ -302,3 +303,21 @@ def test_build_does_not_mutate_the_previous_table() -> None:
     assert (dict(first.rings), first.known, dict(first.declared_by), first.unary_methods) == (
         snapshot
     )
+
+
+def test_a_retry_follows_the_topology_in_force_not_the_one_the_call_began_with() -> None:
+    director = OutboundDirector()
+    records = [rec("echo", f"e{i}") for i in range(3)]
+    director.set_table(table(*records))
+    plan = director.plan(
+        "/demo.Echo/Say", (("ringmesh-service", "echo"), ("ringmesh-hash-key", "k"))
+    )
+    first = plan.next()
+    assert first is not None
+    order = director.table.route("echo", "k")
+    gone = next(p.id for p in order if p.id != first.peer_id)
+    # While the first attempt is in flight, another instance leaves the mesh.
+    director.set_table(table(*(r for r in records if r.id != gone), previous=director.table))
+    retries = [plan.next(), plan.next()]
+    assert retries[-1] is None
+    assert retries[0] is not None and retries[0].peer_id not in (gone, first.peer_id)
