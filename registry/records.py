@@ -119,6 +119,8 @@ def _is_host_port(address: object) -> bool:
     host, sep, port = address.rpartition(":")
     return (
         bool(sep and host)
+        and host.isprintable()
+        and not any(c.isspace() for c in host)  # it ends up in dial strings and logs
         and port.isascii()
         and port.isdigit()
         and len(port) <= MAX_PORT_DIGITS

@@ -321,6 +321,9 @@ _DELETE = object()
         (_doc(address="host:65536"), "invalid address"),
         (_doc(address="host:-1"), "invalid address"),
         (_doc(address="host:http"), "invalid address"),
+        (_doc(address="ho st:15002"), "invalid address"),
+        (_doc(address="host\n:15002"), "invalid address"),
+        (_doc(address="host\u0000:15002"), "invalid address"),
     ],
 )
 def test_from_json_rejects_garbage_with_record_error(raw: bytes, message: str) -> None:
