@@ -23,7 +23,13 @@ from registry.scaling import (
     MODES,
     REACTIVE,
 )
-from ringmesh.options import EnvParser, add_etcd_options, etcd_config, otlp_endpoint
+from ringmesh.options import (
+    EnvParser,
+    add_etcd_options,
+    etcd_config,
+    otlp_endpoint,
+    positive_seconds,
+)
 
 log = logging.getLogger("ringmesh")
 
@@ -130,7 +136,13 @@ def build_parser() -> EnvParser:
         add_etcd_options(sub)
 
     up = commands.add_parser("up", help="a local mesh: embedded etcd and demo services")
-    up.option("--for", dest="duration", type=float, metavar="SECONDS", help="stop after SECONDS")
+    up.option(
+        "--for",
+        dest="duration",
+        type=positive_seconds,
+        metavar="SECONDS",
+        help="stop after SECONDS",
+    )
     up.option("--replicas", type=int, default=3, help="instances of the demo service")
     up.add_argument(
         "-f", dest="mesh_file", metavar="mesh.yaml", help="mesh description (not yet supported)"

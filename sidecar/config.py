@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import math
 import socket
 from dataclasses import dataclass, field
 
@@ -76,8 +77,10 @@ class SidecarConfig:
             raise ConfigError(
                 f"--report-interval must be 0.1-60 seconds, got {self.report_interval}"
             )
-        if self.drain_grace < 0:
-            raise ConfigError(f"--drain-grace must not be negative, got {self.drain_grace}")
+        if not (math.isfinite(self.drain_grace) and self.drain_grace >= 0):
+            raise ConfigError(
+                f"--drain-grace must be a finite number of seconds >= 0, got {self.drain_grace}"
+            )
 
     def advertised(self, inbound_port: int) -> str:
         """The address peers dial: --advertise, else the inbound host (or this host's IP)."""

@@ -329,6 +329,13 @@ def test_cli_environment_value_outside_choices_exits_2(monkeypatch: pytest.Monke
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "0", "-3", "soon"])
+def test_up_for_needs_a_finite_positive_duration(value: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["up", "--for", value])
+    assert info.value.code == 2
+
+
 def test_cli_garbage_boolean_environment_value_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RINGMESH_JSON", "banana")
     with pytest.raises(SystemExit) as info:
@@ -638,7 +645,9 @@ def test_sidecar_bad_weight(weight: int) -> None:
         ({"advertise": "10.0.0.1:0"}, "must be a reachable"),
         ({"advertise": ":15002"}, "must be a reachable"),
         ({"instance_id": "-bad"}, "invalid instance id"),
-        ({"drain_grace": -1.0}, "--drain-grace must not be negative"),
+        ({"drain_grace": -1.0}, "--drain-grace must be a finite number of seconds >= 0"),
+        ({"drain_grace": float("nan")}, "--drain-grace must be a finite"),
+        ({"drain_grace": float("inf")}, "--drain-grace must be a finite"),
     ],
 )
 def test_sidecar_invalid_configuration(changes: dict[str, Any], message: str) -> None:
