@@ -141,19 +141,28 @@ class Attempts:
             return None
         return max(0.0, self._deadline - self._loop.time())
 
-    def ended(self, result: Outcome | None) -> Outcome | None:
+    def ended(self, result: Outcome | None, *, responded: bool = False) -> Outcome | None:
         """How an attempt ended, for the director: cut off by the caller's deadline
-        is a timeout (the peer did not answer in time), not a caller leaving."""
+        before any response is a timeout (the peer did not answer in time), not a
+        caller leaving; a stream that was answering until its deadline is fine."""
         if result is Outcome.CANCELLED and self.timeout() == 0.0:
-            return Outcome.TIMED_OUT
+            result = Outcome.TIMED_OUT
+        if result is Outcome.TIMED_OUT and responded:
+            return Outcome.CANCELLED
         return result
 
     def connect_wait(self) -> float:
         left = self.timeout()
         return _MAX_CONNECT_WAIT if left is None else min(_MAX_CONNECT_WAIT, left / 2)
 
-    async def retry(self, outcome: Outcome) -> Target | None:
-        """The next target after a failed attempt, after its backoff; None to give up."""
+    async def retry(
+        self, outcome: Outcome, *, possible: Callable[[], bool] | None = None
+    ) -> Target | None:
+        """The next target after a failed attempt, after its backoff; None to give up.
+
+        ``possible`` is asked last, after every wait: a stream that can no longer
+        be replayed ends here, before the retry is counted.
+        """
         policy, budget = self._policy, self._budget
         if policy is None or budget is None or self.count >= policy.max_attempts:
             return None
@@ -167,9 +176,10 @@ class Attempts:
             # One slot per retrying call, kept until the call ends.
             if not budget.try_acquire():
                 # Over the budget: wait for a slot, at most the backoff cap.
-                self._stats.retry_budget_waits += 1
                 left = self.timeout()
                 wait = policy.backoff_cap if left is None else min(policy.backoff_cap, left)
+                if wait > 0:
+                    self._stats.retry_budget_waits += 1
                 if not await budget.acquire(wait):
                     self._stats.retry_budget_exhausted += 1
                     return None
@@ -186,6 +196,8 @@ class Attempts:
             return None
         if delay:
             await asyncio.sleep(delay)
+        if possible is not None and not possible():
+            return None
         self._stats.retries[outcome.value] += 1
         self.count += 1
         self.target = target
@@ -384,9 +396,12 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                     result: Outcome | None = Outcome.CANCELLED
                     call: grpc.aio.StreamStreamCall | None = None
                     try:
+                        # The request stream first: nothing may make it unreplayable
+                        # between the retry's check and this attempt taking it.
+                        requests = replay.attempt()
                         await pool.connect(target.address, attempts.connect_wait())
                         call = pool.stream(target.address, method)(
-                            replay.attempt(), timeout=attempts.timeout(), metadata=metadata
+                            requests, timeout=attempts.timeout(), metadata=metadata
                         )
                         async for response in call:
                             if not committed:
@@ -406,7 +421,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                         error, outcome, unsent = None, Outcome.NEVER_SENT, str(exc)
                         result = outcome
                     finally:
-                        director.finished(target, attempts.ended(result))
+                        director.finished(target, attempts.ended(result, responded=committed))
                         if call is not None and not call.done():
                             call.cancel()  # our caller left while we were yielding
                     if result is None:
@@ -415,9 +430,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                         return
                     if committed or not replay.replayable:
                         break
-                    target = await attempts.retry(outcome)
-                    if target is not None and not replay.replayable:
-                        break  # the caller sent past the replay buffer meanwhile
+                    # The caller may send past the replay buffer during the backoff.
+                    target = await attempts.retry(outcome, possible=lambda: replay.replayable)
                 await self._fail(context, attempts, error, outcome, unsent)
             finally:
                 replay.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -137,3 +138,25 @@ def test_a_peer_that_hangs_every_call_is_ejected(mesh: Mesh) -> None:
         assert stats(client)["ejected"]["echo"] == [first]
         reply = stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=ECHO, timeout=5)
         assert reply.instance != first and reply.instance in {e.name for e in echoes}
+
+
+def test_streams_that_answer_until_their_deadline_eject_nobody(mesh: Mesh) -> None:
+    mesh.add("echo")
+    mesh.add("echo")
+    client = mesh.add("client")
+
+    def slow_requests() -> Iterator[demo_pb2.EchoRequest]:
+        for i in range(100):
+            yield demo_pb2.EchoRequest(text=str(i))
+            time.sleep(0.05)
+
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        for _ in range(6):  # more than the 5 failures that eject
+            answered = 0
+            with pytest.raises(grpc.RpcError) as info:
+                for _reply in stub.Chat(slow_requests(), metadata=ECHO, timeout=0.4):
+                    answered += 1
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and answered > 0
+    assert stats(client)["ejected"]["echo"] == []
+    assert settled(client)

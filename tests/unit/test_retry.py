@@ -8,7 +8,9 @@ import random
 import grpc
 import pytest
 
+from sidecar.proxy import Attempts, Target
 from sidecar.retry import NOT_PROCESSED_HEADER, Outcome, RetryBudget, RetryPolicy, classify
+from sidecar.stats import DataPlaneStats
 
 U = grpc.StatusCode.UNAVAILABLE
 
@@ -171,5 +173,47 @@ def test_a_call_cancelled_while_waiting_leaks_no_slot() -> None:
         with pytest.raises(asyncio.CancelledError):
             await waiting
         assert budget.retrying == 2
+
+    asyncio.run(scenario())
+
+
+class _TwoTargets:
+    """A plan over two instances (pure: no channel, no server)."""
+
+    def __init__(self) -> None:
+        self._targets = [Target("127.0.0.1:1", "a", "s"), Target("127.0.0.1:2", "b", "s")]
+        self.idempotent = True
+        self.service = "service 's'"
+
+    def next(self) -> Target | None:
+        return self._targets.pop(0) if self._targets else None
+
+
+def test_a_retry_that_became_impossible_during_its_wait_is_not_counted() -> None:
+    async def scenario() -> None:
+        policy = RetryPolicy()
+        budget = RetryBudget(policy)
+        budget.call_started()
+        stats = DataPlaneStats()
+        attempts = Attempts(_TwoTargets(), policy, budget, stats, random.Random(1), 5.0)
+        assert attempts.first() is not None
+        # e.g. the caller streamed past the replay buffer during the backoff
+        assert await attempts.retry(Outcome.NEVER_SENT, possible=lambda: False) is None
+        assert attempts.count == 1 and sum(stats.retries.values()) == 0
+        attempts.release()
+        assert budget.retrying == 0 and budget.active == 0
+
+    asyncio.run(scenario())
+
+
+def test_only_a_deadline_before_any_response_is_a_timeout() -> None:
+    async def scenario() -> None:
+        attempts = Attempts(_TwoTargets(), None, None, DataPlaneStats(), random.Random(1), 0.0)
+        assert attempts.ended(Outcome.CANCELLED) is Outcome.TIMED_OUT
+        assert attempts.ended(Outcome.TIMED_OUT, responded=True) is Outcome.CANCELLED
+        assert attempts.ended(Outcome.CANCELLED, responded=True) is Outcome.CANCELLED
+        assert attempts.ended(None) is None
+        later = Attempts(_TwoTargets(), None, None, DataPlaneStats(), random.Random(1), 5.0)
+        assert later.ended(Outcome.CANCELLED) is Outcome.CANCELLED  # the caller left early
 
     asyncio.run(scenario())
