@@ -144,6 +144,7 @@ class LocalActuator:
         self._launcher = launcher
         self._alive = alive or (lambda handle: getattr(handle, "poll", lambda: None)() is None)
         self._stacks: dict[str, list[Any]] = {}
+        self._leaving: list[tuple[str, Any]] = []  # being stopped by apply(), not yet gone
         self._started: dict[str, int] = {}
         self._lock = asyncio.Lock()
 
@@ -173,7 +174,13 @@ class LocalActuator:
                     len(stack) + len(leaving),
                     replicas,
                 )
-                await self._stop_all([(service, handle) for handle in reversed(leaving)])
+                going = [(service, handle) for handle in reversed(leaving)]
+                # Until their stop has finished they are still ours to stop: if this
+                # apply is cancelled half way, aclose() stops them.
+                self._leaving.extend(going)
+                await self._stop_all(going)
+                for item in going:
+                    self._leaving.remove(item)
 
     def new_term(self) -> None:
         return None  # what it knows is what it runs itself
@@ -184,6 +191,8 @@ class LocalActuator:
         async with self._lock:
             stacks, self._stacks = self._stacks, {}
             leaving = [(s, handle) for s, stack in stacks.items() for handle in reversed(stack)]
+            leaving += self._leaving
+            self._leaving = []
             if leaving:
                 log.info("stopping %d instances on shutdown", len(leaving))
             await self._stop_all(leaving)

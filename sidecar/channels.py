@@ -7,10 +7,13 @@ kind of per-call work a proxy hop cannot afford.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Collection
 from typing import Any
 
 import grpc
+
+log = logging.getLogger(__name__)
 
 CHANNEL_OPTIONS = [
     ("grpc.enable_retries", 0),  # ringmesh decides about retries, not the channel
@@ -42,6 +45,7 @@ class ChannelPool:
     def __init__(self, *, options: list[tuple[str, Any]] | None = None) -> None:
         self._options = options or CHANNEL_OPTIONS
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._closing: set[grpc.aio.Channel] = set()  # out of the pool, close under way
         self._unary: dict[tuple[str, str], Callable[..., Any]] = {}
         self._stream: dict[tuple[str, str], Callable[..., Any]] = {}
 
@@ -113,14 +117,24 @@ class ChannelPool:
         # Everything is taken out before the first await, so overlapping calls
         # never close a channel twice; the closes then run side by side.
         closing = [self._channels.pop(address) for address in gone]
+        self._closing.update(closing)
         dropped = set(gone)
         self._unary = {k: v for k, v in self._unary.items() if k[0] not in dropped}
         self._stream = {k: v for k, v in self._stream.items() if k[0] not in dropped}
-        await asyncio.gather(*(c.close(grace=5.0) for c in closing), return_exceptions=True)
+        await asyncio.gather(*(self._close(c, grace=5.0) for c in closing))
+
+    async def _close(self, channel: grpc.aio.Channel, *, grace: float | None) -> None:
+        try:
+            await channel.close(grace=grace)
+        except Exception as exc:  # closing is best effort; say so, go on
+            log.warning("closing a channel failed: %s", exc)
+        finally:
+            self._closing.discard(channel)
 
     async def aclose(self) -> None:
-        channels, self._channels = self._channels, {}
+        # Also the channels a cancelled retain() had taken out but not closed.
+        channels = [*self._channels.values(), *self._closing]
+        self._channels = {}
         self._unary.clear()
         self._stream.clear()
-        for channel in channels.values():
-            await channel.close()
+        await asyncio.gather(*(self._close(c, grace=None) for c in channels))

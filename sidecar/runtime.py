@@ -213,6 +213,7 @@ class Sidecar:
                     for task in (stopping, *tasks):
                         task.cancel()
                     await asyncio.gather(stopping, *tasks, return_exceptions=True)
+                    failure = failure or _first_failure(tasks)  # one that failed while draining
         finally:
             await asyncio.gather(inbound.stop(0), outbound.stop(0), return_exceptions=True)
             await admin.aclose()
