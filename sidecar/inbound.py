@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from time import monotonic
 
-from sidecar.proxy import Metadata, Target
+from sidecar.attempts import Target
+from sidecar.proxy import Metadata
 from sidecar.retry import NOT_PROCESSED_HEADER, Outcome
 
 _NOT_PROCESSED: Metadata = ((NOT_PROCESSED_HEADER, "1"),)

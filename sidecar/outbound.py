@@ -9,8 +9,9 @@ from collections.abc import Callable, Mapping
 import grpc
 
 from registry.errors import InvalidName, NoLiveInstance, UnknownService
+from sidecar.attempts import Target
 from sidecar.ejection import Ejector
-from sidecar.proxy import CallRejected, Metadata, Target
+from sidecar.proxy import CallRejected, Metadata
 from sidecar.retry import IDEMPOTENT_HEADER, Outcome, RetryPolicy
 from sidecar.ring import BoundedRing, Peer
 from sidecar.routing import HASH_KEY_HEADER, SERVICE_HEADER, RoutingTable

@@ -8,7 +8,7 @@ import random
 import grpc
 import pytest
 
-from sidecar.proxy import Attempts, Target
+from sidecar.attempts import Attempts, Target
 from sidecar.retry import NOT_PROCESSED_HEADER, Outcome, RetryBudget, RetryPolicy, classify
 from sidecar.stats import DataPlaneStats
 
