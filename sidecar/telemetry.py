@@ -28,6 +28,17 @@ DURATION_BUCKETS_MS = (
     0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 7.5, 10, 15, 25, 50, 75, 100, 250, 500, 1000, 2500, 5000, 10000,
 )  # fmt: skip
 _MAX_ATTRIBUTE_SETS = 4096
+# Counters that are one integer of DataPlaneStats: (name, field, unit, description).
+_PLAIN_COUNTERS = (
+    (EJECTIONS, "ejections", "{ejection}", "Peers ejected"),
+    (BUDGET_EXHAUSTED, "retry_budget_exhausted", "{retry}", "Retries refused by the retry budget"),
+    (
+        BUDGET_WAITS,
+        "retry_budget_waits",
+        "{retry}",
+        "Retries that waited for a slot in the retry budget",
+    ),
+)
 
 
 class CallRecorder:
@@ -83,24 +94,10 @@ class DataPlaneMetrics:
             unit="{retry}",
             description="Retries by reason",
         )
-        meter.create_observable_counter(
-            EJECTIONS,
-            callbacks=[self._observe_ejections],
-            unit="{ejection}",
-            description="Peers ejected",
-        )
-        meter.create_observable_counter(
-            BUDGET_EXHAUSTED,
-            callbacks=[self._observe_budget],
-            unit="{retry}",
-            description="Retries refused by the retry budget",
-        )
-        meter.create_observable_counter(
-            BUDGET_WAITS,
-            callbacks=[self._observe_budget_waits],
-            unit="{retry}",
-            description="Retries that waited for a slot in the retry budget",
-        )
+        for name, field, unit, description in _PLAIN_COUNTERS:
+            meter.create_observable_counter(
+                name, callbacks=[self._observe_field(field)], unit=unit, description=description
+            )
 
     def _observe_inflight(self, options: CallbackOptions) -> Iterable[Observation]:
         return [
@@ -110,11 +107,10 @@ class DataPlaneMetrics:
     def _observe_retries(self, options: CallbackOptions) -> Iterable[Observation]:
         return [Observation(n, {"reason": reason}) for reason, n in self._stats.retries.items()]
 
-    def _observe_ejections(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._stats.ejections)]
+    def _observe_field(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """A callback observing one integer counter of the data plane's stats."""
 
-    def _observe_budget(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._stats.retry_budget_exhausted)]
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(getattr(self._stats, field))]
 
-    def _observe_budget_waits(self, options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(self._stats.retry_budget_waits)]
+        return observe
