@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -14,7 +17,7 @@ from registry.keys import KeyLayout
 from registry.topology import Topology, read_topology
 from ringmesh.localmesh import Instance, LocalMesh
 
-__all__ = ["Instance", "Mesh"]
+__all__ = ["Instance", "Mesh", "stats"]
 
 
 class Mesh(LocalMesh):
@@ -35,3 +38,10 @@ class Mesh(LocalMesh):
 
     def stub(self, channel: grpc.Channel) -> demo_pb2_grpc.DemoStub:
         return demo_pb2_grpc.DemoStub(channel)
+
+
+def stats(instance: Instance) -> dict[str, Any]:
+    """What the instance's sidecar serves at /stats (its admin port)."""
+    with urllib.request.urlopen(f"http://{instance.info['admin']}/stats", timeout=5) as response:
+        doc: dict[str, Any] = json.loads(response.read())
+        return doc

@@ -7,25 +7,16 @@ again, or cost a healthy instance its place in the ring.
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import pytest
 
 from proto import demo_pb2
-from tests.mesh import Instance, Mesh
+from tests.mesh import Instance, Mesh, stats
 
 pytestmark = pytest.mark.integration
-
-
-def stats(instance: Instance) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{instance.info['admin']}/stats", timeout=5) as response:
-        doc: dict[str, Any] = json.loads(response.read())
-        return doc
 
 
 def inflight(instance: Instance) -> int:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import socket
 import time
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,15 +18,9 @@ from registry.records import InstanceRecord
 from ringmesh.procs import Child, python_module
 from sidecar.routing import RoutingTable
 from tests.load import Load
-from tests.mesh import Instance, Mesh
+from tests.mesh import Instance, Mesh, stats
 
 pytestmark = pytest.mark.integration
-
-
-def stats(instance: Instance) -> dict[str, Any]:
-    with urllib.request.urlopen(f"http://{instance.info['admin']}/stats", timeout=5) as response:
-        doc: dict[str, Any] = json.loads(response.read())
-        return doc
 
 
 def three_and_a_client(mesh: Mesh, *extra: str) -> tuple[list[Instance], Instance]:
