@@ -42,6 +42,8 @@ Metadata = tuple[tuple[str, str | bytes], ...]
 _NOT_FORWARDED = frozenset({"user-agent"})
 _MAX_CACHED_METHODS = 4096
 _MESH_TRAILERS = frozenset({ATTEMPTS_HEADER, NOT_PROCESSED_HEADER})
+# A call the mesh could not deliver waits this long for the caller to finish sending.
+_DRAIN_BEFORE_FAILING = 0.25
 
 
 class CallRejected(Exception):
@@ -250,6 +252,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 target = attempts.first()
                 error: grpc.aio.AioRpcError | None = None
                 outcome, unsent = Outcome.NEVER_SENT, ""
+                committed = False
                 while target is not None:
                     director.started(target)
                     committed = False
@@ -284,6 +287,11 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                         break
                     # The caller may send past the replay buffer during the backoff.
                     target = await attempts.retry(outcome, possible=lambda: replay.replayable)
+                if outcome in (Outcome.NEVER_SENT, Outcome.NOT_PROCESSED) and not committed:
+                    left = attempts.timeout()
+                    await replay.drain(
+                        _DRAIN_BEFORE_FAILING if left is None else min(_DRAIN_BEFORE_FAILING, left)
+                    )
                 await self._fail(context, attempts, error, outcome, unsent)
             finally:
                 replay.close()

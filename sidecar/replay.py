@@ -12,6 +12,7 @@ attempt exists (it could otherwise take a message meant for the new one).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 
@@ -64,6 +65,17 @@ class RequestReplay:
                     raise self._error
                 return
             await self._read_one()
+
+    async def drain(self, within: float) -> None:
+        """Read on until the caller has sent everything, at most ``within`` seconds and
+        ``limit`` bytes. Answering a client stream while the caller is still sending
+        cuts its send short, and gRPC then hides the answer behind INTERNAL
+        "Internal error from Core": a sidecar that could not deliver a call lets the
+        caller finish sending first, so its status (and not-processed) arrives."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within):
+                while not self._ended and self._size <= self._limit:
+                    await self._read_one()
 
     async def _read_one(self) -> None:
         if self._fetch is None:

@@ -289,6 +289,23 @@ def test_streaming_calls_are_retried_before_their_first_response(mesh: Mesh, kin
     assert ("ringmesh-attempts", "2") in tuple(trailing)
 
 
+def test_a_fast_client_stream_to_an_instance_whose_app_died_fails_over(mesh: Mesh) -> None:
+    """The inbound sidecar lets the caller finish sending before it answers
+    not-processed; answering mid-send made gRPC report INTERNAL instead."""
+    echoes, client = three_and_a_client(mesh)
+    victim = victim_with_keys(mesh, echoes)
+    victim.app.kill()
+    table = RoutingTable.build(mesh.topology())
+    keys = [f"key-{i}" for i in range(400) if table.route("echo", f"key-{i}")[0].id == victim.name]
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        for key in keys[:10]:
+            md = (("ringmesh-service", "echo"), ("ringmesh-hash-key", key))
+            requests = (demo_pb2.CountRequest(n=1, payload=b"p" * 1000) for _ in range(60))
+            reply = stub.Sum(requests, metadata=md, timeout=5)
+            assert (reply.messages, reply.instance) == (60, table.route("echo", key)[1].id)
+
+
 def test_a_restarted_app_is_back_in_rotation_within_seconds(mesh: Mesh) -> None:
     echoes, client = three_and_a_client(mesh)
     victim = victim_with_keys(mesh, echoes)

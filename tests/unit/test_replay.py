@@ -101,3 +101,25 @@ def test_an_ended_attempts_reader_takes_nothing_from_the_next_attempt() -> None:
         assert await drain(second) == [b"c"]
 
     asyncio.run(scenario())
+
+
+def test_drain_reads_until_the_caller_has_sent_everything() -> None:
+    async def scenario() -> None:
+        replay = RequestReplay(source([b"a", b"b", b"c"]), limit=1024)
+        await replay.drain(within=1.0)
+        assert await drain(replay.attempt()) == [b"a", b"b", b"c"]
+
+    asyncio.run(scenario())
+
+
+def test_drain_is_bounded_in_time_and_in_bytes() -> None:
+    async def scenario() -> None:
+        gate = asyncio.Event()  # a caller that never sends its last message
+        slow = RequestReplay(source([b"a", b"b", b"c"], gate), limit=1024)
+        await asyncio.wait_for(slow.drain(within=0.05), 1.0)
+        big = RequestReplay(source([b"x" * 600 for _ in range(100)]), limit=1024)
+        await big.drain(within=5.0)
+        assert not big.replayable  # stopped just past the limit, not at the 100th message
+        gate.set()
+
+    asyncio.run(scenario())
