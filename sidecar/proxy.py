@@ -10,6 +10,7 @@ stream-stream, which fits all four kinds.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import AsyncIterator, Callable, Collection
@@ -30,6 +31,7 @@ from sidecar.retry import (
     RetryPolicy,
     classify,
 )
+from sidecar.sending import start_sending
 from sidecar.stats import DataPlaneStats
 from sidecar.telemetry import CallRecorder
 from sidecar.tracing import HopTracer
@@ -258,14 +260,16 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                     committed = False
                     result: Outcome | None = Outcome.CANCELLED
                     call: grpc.aio.StreamStreamCall | None = None
+                    sender: asyncio.Task[None] | None = None
                     try:
                         # The request stream first: nothing may make it unreplayable
                         # between the retry's check and this attempt taking it.
                         requests = replay.attempt()
                         await pool.connect(target.address, attempts.connect_wait())
                         call = pool.stream(target.address, method)(
-                            requests, timeout=attempts.timeout(), metadata=metadata
+                            timeout=attempts.timeout(), metadata=metadata
                         )
+                        sender = start_sending(call, requests)
                         async for response in call:
                             if not committed:
                                 replay.commit()
@@ -279,6 +283,8 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                         director.finished(target, attempts.ended(result, responded=committed))
                         if call is not None and not call.done():
                             call.cancel()  # our caller left while we were yielding
+                        if sender is not None:
+                            sender.cancel()  # done, or still reading what no one will take
                     if result is None:
                         assert call is not None
                         self._set_trailing(context, await call.trailing_metadata(), attempts)
@@ -305,9 +311,10 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
 def _failure(exc: Exception) -> tuple[grpc.aio.AioRpcError | None, Outcome, str]:
     """A failed attempt as (the upstream's error, its outcome, why nothing was sent).
 
-    INTERNAL "Internal error from Core" (the upstream ended the call while a
-    request was being written) stays FINAL: the app may have seen the call, so
-    it is never retried.
+    Streams are written by ``start_sending``, so an upstream that ends a call
+    while a request is being written is reported with its own status, never
+    as gRPC's INTERNAL "Internal error from Core". Any INTERNAL is the app's
+    answer: FINAL, never retried.
     """
     if isinstance(exc, NotConnected):
         return None, Outcome.NEVER_SENT, str(exc)

@@ -69,9 +69,10 @@ class RequestReplay:
     async def drain(self, within: float) -> None:
         """Read on until the caller has sent everything, at most ``within`` seconds and
         ``limit`` bytes. Answering a client stream while the caller is still sending
-        cuts its send short, and gRPC then hides the answer behind INTERNAL
-        "Internal error from Core": a sidecar that could not deliver a call lets the
-        caller finish sending first, so its status (and not-processed) arrives."""
+        cuts its send short, and a grpc.aio caller then sees INTERNAL "Internal error
+        from Core" instead of the answer (grpc/grpc#36066; our own hops are immune,
+        see sidecar/sending.py, but apps are not): a sidecar that could not deliver
+        a call lets the caller finish sending first, so its status arrives."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(within):
                 while not self._ended and self._size <= self._limit:
