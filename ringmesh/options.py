@@ -80,7 +80,13 @@ class EnvParser(argparse.ArgumentParser):
         # argparse calls this on the chosen subcommand's parser only, so the
         # variables of the other subcommands are never read, let alone parsed.
         self._apply_environment()
-        return super().parse_known_args(args, namespace)
+        parsed, extras = super().parse_known_args(args, namespace)
+        # A bad variable matters only if its flag was not given (and --help,
+        # which exits inside the parse, still works).
+        for value in vars(parsed).values():
+            if isinstance(value, _InvalidVariable):
+                self.error(str(value))
+        return parsed, extras
 
     def _apply_environment(self) -> None:
         for option in self._env_options:
@@ -88,16 +94,19 @@ class EnvParser(argparse.ArgumentParser):
             if raw is None or raw == "":
                 option.action.default = option.default
                 option.action.required = option.required
-            else:
+                continue
+            try:
                 option.action.default = self._from_env(option, raw)
-                option.action.required = False
+            except _InvalidVariable as invalid:
+                option.action.default = invalid
+            option.action.required = False
 
     def _from_env(self, option: _EnvOption, raw: str) -> Any:
         name = option.variable
         if option.kind == "flag":
             word = raw.strip().lower()
             if word not in _TRUE | _FALSE:
-                self.error(
+                raise _InvalidVariable(
                     f"invalid value in {name}: {raw!r} (expected 1/0, true/false, yes/no, on/off)"
                 )
             return word in _TRUE
@@ -112,15 +121,20 @@ class EnvParser(argparse.ArgumentParser):
         try:
             value = kind(raw)
         except argparse.ArgumentTypeError as exc:
-            self.error(f"invalid value in {name}: {exc}")
+            raise _InvalidVariable(f"invalid value in {name}: {exc}") from None
         except (TypeError, ValueError):
-            self.error(f"invalid value in {name}: {raw!r}")
+            raise _InvalidVariable(f"invalid value in {name}: {raw!r}") from None
         choices = option.kwargs.get("choices")
         if choices is not None and value not in choices:
-            self.error(
+            raise _InvalidVariable(
                 f"invalid value in {name}: {raw!r} (choose from {', '.join(map(str, choices))})"
             )
         return value
+
+
+class _InvalidVariable(Exception):
+    """A RINGMESH_ variable that does not parse; it stands as its flag's default
+    and is reported only when the flag was not given."""
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})

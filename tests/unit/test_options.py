@@ -129,6 +129,19 @@ def test_invalid_environment_value_is_a_usage_error(
     assert variable in err and repr(value) in err
 
 
+def test_a_flag_given_on_the_command_line_makes_its_bad_variable_harmless() -> None:
+    parser = parser_with({"RINGMESH_NAME": "n", "RINGMESH_COUNT": "seven", "RINGMESH_VERBOSE": "x"})
+    args = parser.parse_args(["--count", "3", "--verbose"])
+    assert (args.count, args.verbose) == (3, True)
+
+
+def test_help_works_with_a_bad_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parser_with({"RINGMESH_COUNT": "seven"}).parse_args(["--help"])
+    assert info.value.code == 0
+    assert "[env RINGMESH_COUNT]" in capsys.readouterr().out
+
+
 def test_help_names_the_environment_variable(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         parser_with({}).parse_args(["--help"])
@@ -227,7 +240,11 @@ SIDECAR = ["sidecar", "--service", "echo", "--app", "h:1"]
         ("RINGMESH_ETCD_TIMEOUT", "soon", ["topology"]),
         ("RINGMESH_ETCD_TIMEOUT", "nan", ["topology"]),
         ("RINGMESH_ETCD_TIMEOUT", "0", ["topology"]),
-        ("RINGMESH_TARGET", "x", ["policy", "set", "s", "--min", "1", "--max", "2"]),
+        (
+            "RINGMESH_TARGET",
+            "x",
+            ["policy", "set", "s", "--min", "1", "--max", "2", "--metric", "rps"],
+        ),
     ],
 )
 def test_cli_invalid_environment_value_exits_2(
