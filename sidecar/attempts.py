@@ -116,9 +116,9 @@ class Attempts:
         if not self._retrying:
             # One slot per retrying call, kept until the call ends.
             if not budget.try_acquire():
-                # Over the budget: wait for a slot, at most the backoff cap.
+                # Over the budget: wait for a slot, for a bounded time.
                 left = self.timeout()
-                wait = policy.backoff_cap if left is None else min(policy.backoff_cap, left)
+                wait = policy.budget_wait if left is None else min(policy.budget_wait, left)
                 if wait > 0:
                     self._stats.retry_budget_waits += 1
                 if not await budget.acquire(wait):

@@ -6,7 +6,7 @@ other UNAVAILABLE only for idempotent methods. At most 3 attempts, never past
 the caller's deadline, full-jitter backoff (25 ms base, 250 ms cap) except
 before the first hop to a different instance, and a retry budget of 20% of
 active calls (at least 3 retrying calls at once; a retry over it waits its
-turn for at most the backoff cap) so a dying cluster is not hammered.
+turn for at most 1 s) so a dying cluster is not hammered.
 """
 
 from __future__ import annotations
@@ -68,6 +68,9 @@ class RetryPolicy:
     backoff_cap: float = 0.25
     budget_ratio: float = 0.2
     budget_min: int = 3
+    # How long a retry over the budget waits for a slot (never past the deadline):
+    # long enough for the first retries of a dead instance's calls to finish.
+    budget_wait: float = 1.0
     stream_buffer_bytes: int = 64 * 1024
     idempotent: tuple[str, ...] = ()
 

@@ -33,3 +33,15 @@ async def eventually(
         if time.monotonic() - start > within:
             raise AssertionError(f"{what}: not within {within} s")
         await asyncio.sleep(interval)
+
+
+def until(
+    check: Callable[[], object], *, within: float, what: str, interval: float = 0.01
+) -> float:
+    """eventually() for synchronous tests: poll ``check`` until truthy; return how long it took."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > within:
+            raise AssertionError(f"{what}: not within {within} s")
+        time.sleep(interval)
+    return time.monotonic() - start

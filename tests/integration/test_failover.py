@@ -19,6 +19,7 @@ from ringmesh.procs import Child, python_module
 from sidecar.routing import RoutingTable
 from tests.load import Load
 from tests.mesh import Instance, Mesh, stats
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -79,8 +80,8 @@ def test_more_calls_in_flight_than_the_budget_all_fail_over(mesh: Mesh) -> None:
     """Six calls die with their instance at once; three may retry at a time.
 
     The budget (max(3, 20% of active)) lets three retry at once; the other
-    three wait their turn (up to 250 ms) instead of failing, since the first
-    three take 150 ms. The victim's weight lets it hold all six (bounded loads).
+    three wait their turn (up to 1 s) instead of failing, since the first
+    three take 400 ms. The victim's weight lets it hold all six (bounded loads).
     """
     victim = mesh.add("echo", None, "--weight", "20")
     for _ in range(2):
@@ -94,14 +95,18 @@ def test_more_calls_in_flight_than_the_budget_all_fail_over(mesh: Mesh) -> None:
         calls = [
             pool.submit(
                 stub.Echo.with_call,
-                demo_pb2.EchoRequest(text=key, delay_ms=150),
+                demo_pb2.EchoRequest(text=key, delay_ms=400),
                 metadata=(("ringmesh-service", "echo"), ("ringmesh-hash-key", key), ("ringmesh-idempotent", "1")),
                 timeout=5,
             )
             for key in mine
         ]  # fmt: skip
-        time.sleep(0.075)  # all six are at the victim's app now
-        sigkill(victim, "app-and-sidecar")
+        until(
+            lambda: stats(victim)["inflight"]["inbound"] == len(mine),
+            within=5,
+            what="all six calls in flight at the victim",
+        )
+        sigkill(victim, "app-and-sidecar")  # all six are at the victim's app
         for future in calls:
             reply, call = future.result()
             assert reply.instance != victim.name
@@ -228,7 +233,7 @@ def test_all_instances_down_fails_fast_within_the_budget(mesh: Mesh) -> None:
     assert max(r.ended - r.started for r in failures) < 1.0
     doc = stats(client)
     # 16 callers: at most max(3, 20% of 16) = 3 retrying calls at once; the
-    # others wait their turn (at most 250 ms) instead of hammering.
+    # others wait their turn (at most 1 s) instead of hammering.
     assert doc["retries_in_flight_peak"] == 3
     assert doc["retry_budget_waits"] > 0
     assert doc["attempts"] <= 3 * doc["calls"]
@@ -304,6 +309,30 @@ def test_a_fast_client_stream_to_an_instance_whose_app_died_fails_over(mesh: Mes
             requests = (demo_pb2.CountRequest(n=1, payload=b"p" * 1000) for _ in range(60))
             reply = stub.Sum(requests, metadata=md, timeout=5)
             assert (reply.messages, reply.instance) == (60, table.route("echo", key)[1].id)
+
+
+def test_a_slow_client_stream_to_an_instance_whose_app_died_fails_over(mesh: Mesh) -> None:
+    """The caller sends for longer than the inbound sidecar waits before answering
+    not-processed: its answer arrives mid-send and must still be read as such."""
+    echoes, client = three_and_a_client(mesh)
+    victim = victim_with_keys(mesh, echoes)
+    victim.app.kill()
+    table = RoutingTable.build(mesh.topology())
+    key = next(
+        f"key-{i}" for i in range(200) if table.route("echo", f"key-{i}")[0].id == victim.name
+    )
+
+    def slowly() -> Iterator[demo_pb2.CountRequest]:
+        for i in range(1, 9):  # 8 messages over ~0.5 s
+            yield demo_pb2.CountRequest(n=i, payload=b"p" * 1000)
+            time.sleep(0.06)
+
+    md = (("ringmesh-service", "echo"), ("ringmesh-hash-key", key))
+    with mesh.channel(client.outbound) as channel:
+        reply, call = mesh.stub(channel).Sum.with_call(slowly(), metadata=md, timeout=5)
+    assert (reply.total, reply.messages) == (36, 8)
+    assert reply.instance == table.route("echo", key)[1].id
+    assert ("ringmesh-attempts", "2") in tuple(call.trailing_metadata())
 
 
 def test_a_restarted_app_is_back_in_rotation_within_seconds(mesh: Mesh) -> None:
