@@ -1,9 +1,13 @@
 """Outlier ejection (pure, clock-injected): which peers to skip for new attempts.
 
-A connect failure ejects a peer at once; 5 consecutive failures eject it for
-30 s x its ejection count (at most 300 s). It returns early when a health
-probe passes. If more than half the peers are ejected, ejections are
-ignored (panic mode): better to try a suspect peer than to fail for sure.
+A connect failure (the peer or its app unreachable) ejects a peer at once;
+5 consecutive failures eject it for 30 s x its ejection count (at most
+300 s). A peer ejected as unreachable returns as soon as a health probe
+passes, since the probe shows exactly that it is reachable again. One
+ejected for failing calls (UNAVAILABLE, timeouts) serves its time: its
+sidecar answers SERVING while its app hangs, so a probe proves nothing.
+If more than half the peers are ejected, ejections are ignored (panic
+mode): better to try a suspect peer than to fail for sure.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class _PeerHealth:
     consecutive_failures: int = 0
     ejections: int = 0
     ejected_until: float = 0.0
+    unreachable: bool = False  # ejected because it could not be reached
 
 
 class Ejector:
@@ -39,7 +44,8 @@ class Ejector:
         self._peers: dict[str, _PeerHealth] = {}
         self.ejection_count = 0  # total ejections, for telemetry
 
-    def _eject(self, peer: _PeerHealth) -> None:
+    def _eject(self, peer: _PeerHealth, *, unreachable: bool) -> None:
+        peer.unreachable = unreachable
         peer.ejections += 1
         peer.consecutive_failures = 0
         peer.ejected_until = self._clock() + min(self._cap, self._base * peer.ejections)
@@ -50,7 +56,7 @@ class Ejector:
         peer = self._peers.setdefault(peer_id, _PeerHealth())
         if self.is_ejected(peer_id):
             return False
-        self._eject(peer)
+        self._eject(peer, unreachable=True)
         return True
 
     def failed(self, peer_id: str) -> bool:
@@ -58,7 +64,7 @@ class Ejector:
         peer = self._peers.setdefault(peer_id, _PeerHealth())
         peer.consecutive_failures += 1
         if peer.consecutive_failures >= self._consecutive and not self.is_ejected(peer_id):
-            self._eject(peer)
+            self._eject(peer, unreachable=False)
             return True
         return False
 
@@ -68,9 +74,9 @@ class Ejector:
             peer.consecutive_failures = 0
 
     def probe_passed(self, peer_id: str) -> None:
-        """A passing health probe brings an ejected peer back early."""
+        """A passing health probe brings back a peer ejected as unreachable."""
         peer = self._peers.get(peer_id)
-        if peer is not None:
+        if peer is not None and peer.unreachable:
             peer.ejected_until = 0.0
             peer.consecutive_failures = 0
 
@@ -88,6 +94,11 @@ class Ejector:
     def ejected(self) -> list[str]:
         now = self._clock()
         return [pid for pid, p in self._peers.items() if p.ejected_until > now]
+
+    def awaiting_probe(self) -> list[str]:
+        """The ejected peers a passing health probe would bring back."""
+        now = self._clock()
+        return [pid for pid, p in self._peers.items() if p.ejected_until > now and p.unreachable]
 
     def usable(self, peers: Sequence[T], peer_id: Callable[[T], str]) -> list[T]:
         """``peers`` without the ejected ones, in order; all of them in panic mode."""

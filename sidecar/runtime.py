@@ -340,13 +340,14 @@ class Sidecar:
         await asyncio.gather(inbound.stop(1.0), outbound.stop(1.0))
 
     async def _probe_ejected(self) -> None:
-        """Health-probe ejected peers every second; a passing probe brings one back."""
+        """Health-probe peers ejected as unreachable every second; a passing probe
+        brings one back."""
         while True:
             await asyncio.sleep(_PROBE_INTERVAL)
             table = self.outbound.table
             for service, ring in table.rings.items():
                 ejector = self.outbound.ejector(service)
-                for peer_id in ejector.ejected():
+                for peer_id in ejector.awaiting_probe():
                     peer = ring.peers.get(peer_id)
                     if peer is not None and await self._probe(peer.address):
                         log.info(

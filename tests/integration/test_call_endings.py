@@ -15,6 +15,7 @@ import pytest
 
 from proto import demo_pb2
 from tests.mesh import Instance, Mesh, stats
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -129,6 +130,9 @@ def test_a_peer_that_hangs_every_call_is_ejected(mesh: Mesh) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 stub.Echo(demo_pb2.EchoRequest(delay_ms=2000), metadata=ECHO, timeout=0.3)
             assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # The caller's deadline may pass a moment before its sidecar counts the 5th.
+        until(lambda: stats(client)["ejected"]["echo"] == [first], within=2, what="ejected")
+        time.sleep(1.5)  # past a health probe: its sidecar says SERVING, but it stays out
         assert stats(client)["ejected"]["echo"] == [first]
         reply = stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=ECHO, timeout=5)
         assert reply.instance != first and reply.instance in {e.name for e in echoes}

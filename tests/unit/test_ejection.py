@@ -60,13 +60,32 @@ def test_ejection_time_grows_with_each_ejection_up_to_300_seconds() -> None:
     assert max(durations) == 300
 
 
-def test_a_passing_probe_brings_a_peer_back_early() -> None:
+def test_a_passing_probe_brings_a_peer_ejected_as_unreachable_back_early() -> None:
     ejector, clock = make()
     ejector.connect_failed("a")
+    assert ejector.awaiting_probe() == ["a"]
     clock.now += 1
     ejector.probe_passed("a")
     assert not ejector.is_ejected("a")
     assert ejector.usable(["a", "b"], ident) == ["a", "b"]
+    assert ejector.awaiting_probe() == []
+
+
+def test_a_peer_ejected_for_failing_calls_serves_its_time_whatever_its_probe_says() -> None:
+    """Its sidecar answers SERVING while its app hangs: a probe proves nothing."""
+    ejector, clock = make()
+    for _ in range(5):
+        ejector.failed("a")
+    assert ejector.is_ejected("a") and ejector.awaiting_probe() == []
+    clock.now += 1
+    ejector.probe_passed("a")
+    assert ejector.is_ejected("a")
+    clock.now += 29.1
+    assert not ejector.is_ejected("a")
+    # Unreachable next time: then a probe brings it back again.
+    ejector.connect_failed("a")
+    ejector.probe_passed("a")
+    assert not ejector.is_ejected("a")
 
 
 def test_ejected_peers_are_skipped_in_order() -> None:
