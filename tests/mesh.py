@@ -16,6 +16,7 @@ from registry.etcd import EtcdClient, EtcdConfig
 from registry.keys import KeyLayout
 from registry.topology import Topology, read_topology
 from ringmesh.localmesh import Instance, LocalMesh
+from tests.waiting import until
 
 __all__ = ["Instance", "Mesh", "stats"]
 
@@ -32,6 +33,22 @@ class Mesh(LocalMesh):
                 return await read_topology(client, self.layout)
 
         return asyncio.run(read())
+
+    def seen_by(self, *instances: Instance, within: float = 5.0) -> None:
+        """Wait until each instance's sidecar routes with every record registered now.
+
+        ``add()`` returns once the new sidecar is registered; the others learn
+        of it through their watch a moment later."""
+        topology = self.topology()
+        newest = max(
+            (e.mod_revision for ids in topology.services.values() for e in ids.values()),
+            default=0,
+        )
+        until(
+            lambda: all(stats(i)["topology_revision"] >= newest for i in instances),
+            within=within,
+            what=f"every sidecar's topology at revision {newest}",
+        )
 
     def channel(self, outbound: str) -> grpc.Channel:
         return grpc.insecure_channel(outbound)

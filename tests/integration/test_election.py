@@ -26,6 +26,11 @@ from tests.waiting import eventually
 pytestmark = pytest.mark.integration
 
 TTL = 2
+# A handover is milliseconds; waiting for a lease to expire would take TTL.
+PROMPTLY = 0.75 * TTL
+# How late a step-down timer may fire on a busy machine, still before etcd
+# could expire the lease (margin = TTL / 4).
+LATE = 0.4
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -294,7 +299,7 @@ def test_resign_hands_over_in_create_order_and_terms_grow(
             await a.resign()
             assert not a.is_leader and a.leader_lost.is_set() and a.term is None
             assert await other.get(key_a or "") is None  # resigning deletes our key
-            term_b = await asyncio.wait_for(task_b, 1)  # promptly: b was next
+            term_b = await asyncio.wait_for(task_b, PROMPTLY)  # promptly: b was next
             assert leaders(elections) == ["b"] and not task_c.done()
             assert await c.leader() == "b"
             with pytest.raises(NotLeader):
@@ -305,11 +310,11 @@ def test_resign_hands_over_in_create_order_and_terms_grow(
             await b.aclose()  # idempotent
             with pytest.raises(MeshError):
                 await b.campaign()
-            term_c = await asyncio.wait_for(task_c, 1)
+            term_c = await asyncio.wait_for(task_c, PROMPTLY)
             assert leaders(elections) == ["c"] and not task_a.done()
 
             await c.resign()
-            term_a2 = await asyncio.wait_for(task_a, 1)
+            term_a2 = await asyncio.wait_for(task_a, PROMPTLY)
             assert leaders(elections) == ["a"] and not a.leader_lost.is_set()
             assert term_a < term_b < term_c < term_a2
 
@@ -345,11 +350,11 @@ def test_revoked_lease_hands_over_within_a_second_and_the_old_leader_notices(
             old_key = a.key
             await other.revoke_lease(await lease_of(other, old_key))
             revoked_at = time.monotonic()
-            term_b = await asyncio.wait_for(task_b, 1)
+            term_b = await asyncio.wait_for(task_b, PROMPTLY)
             took_over = time.monotonic() - revoked_at
             await eventually(lambda: a.leader_lost.is_set(), within=1, what="a notices")
             assert not a.is_leader and leaders(elections) == ["b"]
-            assert term_b > term_a and took_over < 1
+            assert term_b > term_a and took_over < PROMPTLY
 
             client_of(a).resume()
             with pytest.raises(NotLeader):
@@ -402,7 +407,7 @@ def test_a_stalled_leader_steps_down_before_its_lease_expires_and_its_write_fail
             lost_after = time.monotonic() - paused_at
             assert not a.is_leader and a.term is None
             # Its last refresh was sent before the pause: trusted for TTL - margin at most.
-            assert lost_after < TTL - a.margin + 0.1
+            assert lost_after < TTL - a.margin + LATE
             assert not task_b.done() and not b.is_leader  # a's lease is still alive in etcd
 
             term_b = await asyncio.wait_for(task_b, 2 * TTL)
@@ -441,7 +446,7 @@ def test_etcd_down_leader_steps_down_before_its_ttl_then_campaigns_again(
             killed_at = time.monotonic()
             await asyncio.wait_for(a.leader_lost.wait(), TTL)
             lost_after = time.monotonic() - killed_at
-            assert lost_after < TTL - a.margin + 0.1  # refreshes stopped with the kill
+            assert lost_after < TTL - a.margin + LATE  # refreshes stopped with the kill
             assert leaders(elections) == []
             with pytest.raises(NotLeader):
                 await a.put_fenced(target, b"x")

@@ -85,6 +85,7 @@ def test_method_path_resolves_the_one_service_declaring_it(mesh: Mesh) -> None:
         reply = stub.Echo(demo_pb2.EchoRequest(text="x"), timeout=5)
         assert reply.instance == echo.name
         mesh.add("other")  # a second service declaring the same gRPC service
+        mesh.seen_by(echo)
         with pytest.raises(grpc.RpcError) as err:
             stub.Echo(demo_pb2.EchoRequest(text="x"), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED

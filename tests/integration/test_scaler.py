@@ -168,15 +168,22 @@ def test_targets_follow_a_load_step_and_fall_only_after_the_window(
         )
         raised = target(mesh, "echo")
     assert raised is not None and "inflight" in raised.reason
-    assert took < 2 * 1 + 0.5, (
-        f"the target rose {took:.1f} s after the load step (interval 1 s, report 0.5 s)"
-    )
+    # A report (0.5 s) reaches the next decision (1 s): 1.5 s at most when idle,
+    # bounded at twice that plus 1 s on a busy machine.
+    assert took < 2 * (1 + 0.5) + 1, f"the target rose {took:.1f} s after the load step"
     stopped = time.monotonic()
-    time.sleep(3)  # inside the 6 s scale-down window: the target holds
-    held = target(mesh, "echo")
-    assert held is not None and held.replicas == raised.replicas
+    # Inside the 6 s scale-down window the target never falls (it may still
+    # rise on reports that lag the load's end).
+    seen = []
+    while time.monotonic() - stopped < 6 - 0.7:
+        now = target(mesh, "echo")
+        assert now is not None
+        seen.append(now.replicas)
+        time.sleep(0.2)
+    assert min(seen) >= raised.replicas, seen
+    peak = max(seen)
     wait_for(
-        lambda: (t := target(mesh, "echo")) is not None and t.replicas < raised.replicas,
+        lambda: (t := target(mesh, "echo")) is not None and t.replicas < peak,
         12,
         "the target to fall",
     )

