@@ -38,6 +38,7 @@ class InboundDirector:
         self.inflight = 0
         self._area = 0.0  # integral of inflight over time (call-seconds)
         self._since = monotonic()
+        self._last_started = 0.0
         self.app_up = True
         self._on_app_state = on_app_state
 
@@ -55,7 +56,12 @@ class InboundDirector:
         self._since = now
         self.inflight += change
 
+    def quiet_for(self) -> float:
+        """Seconds since the last call arrived (0 while any is in flight)."""
+        return 0.0 if self.inflight else monotonic() - self._last_started
+
     def started(self, target: Target) -> None:
+        self._last_started = monotonic()
         self._count(1)
 
     def finished(self, target: Target, outcome: Outcome | None) -> None:

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 VERSION = "0.1.0"
 _DRAIN_SETTLE = 0.3  # seconds for peers' watches to see "draining"
+_DRAIN_QUIET = 0.2  # ... and then no new call for this long
 _PROBE_INTERVAL = 1.0
 _PROBE_TIMEOUT = 1.0
 
@@ -328,9 +329,13 @@ class Sidecar:
             await keeper.put(self._record_key, replace(self._record, state=DRAINING).to_json())
         await self._health.enter_graceful_shutdown()
         # Peers learn of the drain through their watch within milliseconds;
-        # calls they sent before that still arrive and are served.
+        # calls they sent before that still arrive and are served. The drain
+        # ends once nothing is in flight and no call has arrived for a while:
+        # a peer whose watch lags on a busy machine may still be sending.
         await asyncio.sleep(min(_DRAIN_SETTLE, grace))
-        while self.inflight() > 0 and self._clock() < deadline:  # noqa: ASYNC110 - counters, no event to wait on
+        while self._clock() < deadline and (  # noqa: ASYNC110 - counters, no event to wait on
+            self.inflight() > 0 or self.inbound.quiet_for() < _DRAIN_QUIET
+        ):
             await asyncio.sleep(0.02)
         if self.inflight() > 0:
             log.warning(
