@@ -11,8 +11,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from registry.election import read_leader
+from registry.election import election_prefix, queue, read_leader
 from registry.embedded import EmbeddedEtcd
+from registry.errors import MeshError
 from registry.etcd import EtcdClient, EtcdConfig
 from registry.keys import KeyLayout
 from registry.scaling import Target
@@ -21,6 +22,7 @@ from ringmesh.procs import Child, python_module
 from ringmesh.up import INSTANCE_TEMPLATE
 from tests.load import Load
 from tests.mesh import Mesh
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +71,18 @@ def etcd_read(mesh: Mesh, what: str) -> object:
     return asyncio.run(read())
 
 
+def election_queue(mesh: Mesh) -> list[str]:
+    """The ids of the scaler election's candidates in etcd, the leader first."""
+
+    async def read() -> list[str]:
+        async with EtcdClient(EtcdConfig.from_urls(mesh.etcd.url)) as etcd:
+            prefix = election_prefix(KeyLayout(mesh.prefix))
+            kvs, _ = await etcd.get_prefix_by_create(prefix)
+            return [c.id for c in queue(kvs)]
+
+    return asyncio.run(read())
+
+
 def target(mesh: Mesh, service: str) -> Target | None:
     found = etcd_read(mesh, service)
     assert found is None or isinstance(found, Target)
@@ -99,14 +113,25 @@ def test_one_scaler_leads_and_another_takes_over_after_sigkill(
     a = scalers.start("scaler-a", "--ttl", "3", "--interval", "0.5")
     b = scalers.start("scaler-b", "--ttl", "3", "--interval", "0.5")
     a.wait_event("leading", timeout=10)
-    time.sleep(1)
-    assert not any(e.get("event") == "leading" for e in b.seen), "exactly one leads"
-    assert etcd_read(mesh, "leader") == "scaler-a"
+    # b stands in the election, behind a: from here on it must not lead. It would say so
+    # at once if it did; a second of its events is read (wait_event consumes them) to see.
+    until(
+        lambda: election_queue(mesh) == ["scaler-a", "scaler-b"],
+        within=10,
+        what="scaler-b queued behind scaler-a in etcd",
+    )
+    with pytest.raises(MeshError, match="no 'leading' event"):
+        b.wait_event("leading", timeout=1)
+    assert b.alive()
+    assert etcd_read(mesh, "leader") == "scaler-a", "exactly one leads"
 
     a.signal(signal.SIGKILL)
     killed = time.monotonic()
-    b.wait_event("leading", timeout=3 + 2)
-    assert time.monotonic() - killed < 3 + 2
+    # a's key goes when its lease expires: TTL (3 s) after its last refresh, at etcd's next
+    # expiry check; then b's watch sees the delete, b lists, leads and says so. 4 s over
+    # the TTL for that on a busy machine; without a takeover it would never come.
+    b.wait_event("leading", timeout=3 + 4)
+    assert time.monotonic() - killed < 3 + 4
     assert etcd_read(mesh, "leader") == "scaler-b"
 
 
@@ -152,7 +177,8 @@ def test_targets_follow_a_load_step_and_fall_only_after_the_window(
     client = mesh.add("client")
     set_policy(mesh, "echo", "--min", "1", "--max", "6", "--metric", "inflight", "--target", "2",
                "--scale-down-window", "6")  # fmt: skip
-    scalers.start("scaler-a", "--interval", "1")
+    interval = 2.0  # the issue: the target rises within two intervals of the step
+    scalers.start("scaler-a", "--interval", str(interval))
     wait_for(
         lambda: (t := target(mesh, "echo")) is not None and t.replicas == 1,
         10,
@@ -162,15 +188,14 @@ def test_targets_follow_a_load_step_and_fall_only_after_the_window(
     with Load(client.outbound, callers=8, idempotent=True, delay_ms=300, keys=50):
         started = time.monotonic()
         took = wait_for(
-            lambda: (t := target(mesh, "echo")) is not None and t.replicas >= 3,
+            lambda: (t := target(mesh, "echo")) is not None and t.replicas > 1,
             8,
             "a higher target",
         )
         raised = target(mesh, "echo")
     assert raised is not None and "inflight" in raised.reason
-    # A report (0.5 s) reaches the next decision (1 s): 1.5 s at most when idle,
-    # bounded at twice that plus 1 s on a busy machine.
-    assert took < 2 * (1 + 0.5) + 1, f"the target rose {took:.1f} s after the load step"
+    # A report (every 0.5 s) reaches the next decision: 2.5 s at most when idle.
+    assert took < 2 * interval, f"the target rose {took:.1f} s after the load step"
     stopped = time.monotonic()
     # Inside the 6 s scale-down window the target never falls (it may still
     # rise on reports that lag the load's end).
@@ -184,7 +209,7 @@ def test_targets_follow_a_load_step_and_fall_only_after_the_window(
     peak = max(seen)
     wait_for(
         lambda: (t := target(mesh, "echo")) is not None and t.replicas < peak,
-        12,
+        15,
         "the target to fall",
     )
     assert time.monotonic() - stopped >= 6 - 0.5, "not before the scale-down window has passed"
