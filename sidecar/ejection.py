@@ -6,6 +6,9 @@ A connect failure (the peer or its app unreachable) ejects a peer at once;
 passes, since the probe shows exactly that it is reachable again. One
 ejected for failing calls (UNAVAILABLE, timeouts) serves its time: its
 sidecar answers SERVING while its app hangs, so a probe proves nothing.
+Each cause keeps its own multiplier, one less for every 30 s back in
+rotation (as Envoy's): a flapping app does not make a later ejection for
+failing calls last five minutes.
 If more than half the peers are ejected, ejections are ignored (panic
 mode): better to try a suspect peer than to fail for sure.
 """
@@ -23,7 +26,11 @@ T = TypeVar("T")
 @dataclass
 class _PeerHealth:
     consecutive_failures: int = 0
-    ejections: int = 0
+    # Recent ejections, per cause: each multiplies its cause's next ejection
+    # time. A probe cuts an unreachable ejection short, so a flapping app must
+    # not make a later ejection for failing calls last minutes.
+    unreachable_ejections: int = 0
+    failure_ejections: int = 0
     ejected_until: float = 0.0
     unreachable: bool = False  # ejected because it could not be reached
 
@@ -45,10 +52,21 @@ class Ejector:
         self.ejection_count = 0  # total ejections, for telemetry
 
     def _eject(self, peer: _PeerHealth, *, unreachable: bool) -> None:
+        now = self._clock()
+        if peer.ejected_until:
+            # As Envoy's multiplier: one less for each base period back in rotation.
+            healthy = max(0, int((now - peer.ejected_until) // self._base))
+            peer.unreachable_ejections = max(0, peer.unreachable_ejections - healthy)
+            peer.failure_ejections = max(0, peer.failure_ejections - healthy)
+        if unreachable:
+            peer.unreachable_ejections += 1
+            count = peer.unreachable_ejections
+        else:
+            peer.failure_ejections += 1
+            count = peer.failure_ejections
         peer.unreachable = unreachable
-        peer.ejections += 1
         peer.consecutive_failures = 0
-        peer.ejected_until = self._clock() + min(self._cap, self._base * peer.ejections)
+        peer.ejected_until = now + min(self._cap, self._base * count)
         self.ejection_count += 1
 
     def connect_failed(self, peer_id: str) -> bool:
@@ -63,10 +81,15 @@ class Ejector:
         """A failed call; the ``consecutive``-th in a row ejects. True if newly ejected."""
         peer = self._peers.setdefault(peer_id, _PeerHealth())
         peer.consecutive_failures += 1
-        if peer.consecutive_failures >= self._consecutive and not self.is_ejected(peer_id):
-            self._eject(peer, unreachable=False)
-            return True
-        return False
+        if peer.consecutive_failures < self._consecutive:
+            return False
+        if self.is_ejected(peer_id):
+            # Reached anyway (panic mode, last resort) and failing: a probe of its
+            # sidecar no longer says enough to bring it back.
+            peer.unreachable = False
+            return False
+        self._eject(peer, unreachable=False)
+        return True
 
     def succeeded(self, peer_id: str) -> None:
         peer = self._peers.get(peer_id)

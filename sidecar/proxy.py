@@ -103,6 +103,9 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
         self._retry = retry
         self._budget = RetryBudget(retry) if retry is not None else None
         self.stats = stats or DataPlaneStats()
+        # Calls begun and not yet answered, waits between attempts included
+        # (a drain must not end while a call waits for its retry).
+        self.active = 0
         self._rng = rng or random.Random()
         self.recorder = recorder
         self.tracing: HopTracer | None = None
@@ -141,6 +144,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             if span is not None:
                 HopTracer.end(span, exc.code)
             await context.abort(exc.code, exc.details)
+        self.active += 1
         if self._budget is not None:
             self._budget.call_started()
         attempts = Attempts(
@@ -234,6 +238,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
             finally:
                 if attempts is not None:
                     attempts.release()
+                    self.active -= 1
                 self._observe(method, context, started, span)
 
         return forward
@@ -303,6 +308,7 @@ class ProxyHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
                 replay.close()
                 if attempts is not None:
                     attempts.release()
+                    self.active -= 1
                 self._observe(method, context, started, span)
 
         return forward

@@ -312,6 +312,11 @@ class Sidecar:
             "topology_revision": self.outbound.table.revision,
         }
 
+    def _calls_in_progress(self) -> int:
+        """Calls this sidecar has not answered yet, both directions, including
+        outbound calls waiting between attempts (not counted at any peer)."""
+        return self._in_handler.active + self._out_handler.active
+
     def inflight(self) -> int:
         """Calls in flight through this sidecar, both directions."""
         return self.inbound.inflight + sum(
@@ -334,12 +339,14 @@ class Sidecar:
         # a peer whose watch lags on a busy machine may still be sending.
         await asyncio.sleep(min(_DRAIN_SETTLE, grace))
         while self._clock() < deadline and (  # noqa: ASYNC110 - counters, no event to wait on
-            self.inflight() > 0 or self.inbound.quiet_for() < _DRAIN_QUIET
+            self._calls_in_progress() > 0 or self.inbound.quiet_for() < _DRAIN_QUIET
         ):
             await asyncio.sleep(0.02)
-        if self.inflight() > 0:
+        if self._calls_in_progress() > 0:
             log.warning(
-                "drain grace of %ss ran out with %d call(s) in flight", grace, self.inflight()
+                "drain grace of %ss ran out with %d call(s) in flight",
+                grace,
+                self._calls_in_progress(),
             )
         await keeper.revoke()
         await asyncio.gather(inbound.stop(1.0), outbound.stop(1.0))

@@ -19,8 +19,8 @@ from typing import Any
 import grpc
 
 # A write that failed because the call ended is followed by the call's status
-# at once. If none comes, Core refused the write outright and will say nothing
-# more: the call then ends INTERNAL, as grpc.aio would have ended it.
+# at once. If none comes, Core refused the write outright: the call is marked
+# INTERNAL, as grpc.aio marks it (its reader still waits for Core or the deadline).
 _STATUS_AFTER_FAILED_WRITE = 1.0
 
 

@@ -88,6 +88,50 @@ def test_a_peer_ejected_for_failing_calls_serves_its_time_whatever_its_probe_say
     assert not ejector.is_ejected("a")
 
 
+def eject_for_failures(ejector: Ejector, peer: str) -> None:
+    for _ in range(5):
+        ejector.failed(peer)
+    assert ejector.is_ejected(peer)
+
+
+def ejected_for(ejector: Ejector, clock: FakeClock, peer: str) -> float:
+    start = clock.now
+    while ejector.is_ejected(peer):
+        clock.now += 1
+    return clock.now - start
+
+
+def test_unreachable_ejections_cut_short_do_not_lengthen_an_ejection_for_failing_calls() -> None:
+    ejector, clock = make()
+    for _ in range(9):  # an app that restarts now and then, back after a probe each time
+        ejector.connect_failed("a")
+        clock.now += 1
+        ejector.probe_passed("a")
+    eject_for_failures(ejector, "a")
+    assert ejected_for(ejector, clock, "a") == 30
+
+
+def test_the_multiplier_decays_while_the_peer_is_back_in_rotation() -> None:
+    ejector, clock = make()
+    for expected in (30, 60, 90):
+        eject_for_failures(ejector, "a")
+        assert ejected_for(ejector, clock, "a") == expected
+    clock.now += 2 * 30  # healthy for two base periods: 3 ejections count as 1
+    eject_for_failures(ejector, "a")
+    assert ejected_for(ejector, clock, "a") == 60
+
+
+def test_a_peer_failing_while_ejected_as_unreachable_no_longer_returns_on_a_probe() -> None:
+    """It refused connections, then accepted them and hung (reached in panic mode)."""
+    ejector, _ = make()
+    ejector.connect_failed("a")
+    for _ in range(5):
+        assert not ejector.failed("a")
+    assert ejector.awaiting_probe() == []
+    ejector.probe_passed("a")
+    assert ejector.is_ejected("a")
+
+
 def test_ejected_peers_are_skipped_in_order() -> None:
     ejector, _ = make()
     ejector.connect_failed("b")
