@@ -4,11 +4,17 @@ Service ``s`` maps to Deployment ``s`` in ``--namespace`` unless a mapping
 says otherwise. The client is synchronous; its calls run in a thread, each with
 a request timeout (a hung API server must not stall the leader), and whatever
 the client raises comes out as a MeshError (the scaler logs it and goes on).
+
+Each patch is conditional on the replica count read (or last patched) this
+term: a JSON patch whose ``test`` op the API server checks against the stored
+object, so a leader that stalled after its leadership check cannot overwrite a
+count another leader has set since.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -18,6 +24,15 @@ from registry.errors import ConfigError, MeshError
 log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT_S = 5.0
+
+JSON_PATCH = "application/json-patch+json"  # RFC 6902: a list of operations
+# What the API server answers (422, reason Invalid) when a JSON patch does not apply to
+# the stored object: apiserver's jsonPatcher passes the patch library's error
+# ("testing value /spec/replicas failed: test failed") to NewGenericServerResponse,
+# which keeps only this fixed message for a 422. Our patch can only fail to apply
+# through its test op: /spec always exists, and a test that passed means the replaced
+# member does too. A failed field validation is a 422 Invalid with another message.
+_PATCH_DID_NOT_APPLY = "the server rejected our request due to an error in our request"
 
 
 def load_apps_api(*, host: str | None = None) -> Any:
@@ -81,10 +96,24 @@ class KubernetesActuator:
             current = await self.read(service)
         if current == replicas:
             return
-        body = {"spec": {"replicas": replicas}}
-        scale = await self._call(
-            "patch", self._api.patch_namespaced_deployment_scale, service, body
-        )
+        try:
+            scale = await self._call(
+                "patch",
+                self._api.patch_namespaced_deployment_scale,
+                service,
+                replicas_patch(current, replicas),
+                # The client would pick this for a list body anyway; say it outright.
+                _content_type=JSON_PATCH,
+            )
+        except MeshError as exc:
+            if not _patch_did_not_apply(exc.__cause__):
+                raise
+            # _call has forgotten the count: the next apply reads it again.
+            raise MeshError(
+                f"kubernetes scale of deployment {self._namespace}/{self.deployment(service)}"
+                f" to {replicas} refused: its replicas were changed by someone else since"
+                f" they were read as {current}; they will be read again"
+            ) from exc.__cause__
         self._known[service] = int(scale.spec.replicas or 0)
         log.info(
             "%s: deployment %s/%s scaled %d -> %d",
@@ -95,11 +124,16 @@ class KubernetesActuator:
             replicas,
         )
 
-    async def _call(self, what: str, method: Any, service: str, *body: Any) -> Any:
+    async def _call(self, what: str, method: Any, service: str, *body: Any, **options: Any) -> Any:
         name = self.deployment(service)
         try:
             return await asyncio.to_thread(
-                method, name, self._namespace, *body, _request_timeout=self._request_timeout
+                method,
+                name,
+                self._namespace,
+                *body,
+                _request_timeout=self._request_timeout,
+                **options,
             )
         except Exception as exc:  # the client's edge: API errors, urllib3's, bad answers
             self._known.pop(service, None)
@@ -111,6 +145,51 @@ class KubernetesActuator:
         client = getattr(self._api, "api_client", None)
         if client is not None:
             client.close()
+
+
+def replicas_patch(current: int, replicas: int) -> list[dict[str, Any]]:
+    """A JSON patch (RFC 6902) setting the scale's spec.replicas to ``replicas`` only if
+    it is still ``current``.
+
+    The API server applies it to the object as stored, inside the same compare-and-swap
+    as the write, so the test holds at the moment of writing, however late the request
+    arrives. Not a resourceVersion precondition: the Scale carries the Deployment's
+    resourceVersion, which every status update (each pod becoming ready, say) changes,
+    so it would conflict all the time with no one else scaling. What the test cannot
+    see is ABA: if another writer changes the count away and back to ``current`` since
+    we read it, the patch applies over its second write (and stands until that writer,
+    trusting its own cache, next patches a different count).
+    """
+    if current == 0:
+        # autoscaling/v1 omits replicas 0 ("replicas,omitempty"): the stored Scale has
+        # "spec": {}, and a test of /spec/replicas against 0 would always fail. The
+        # spec holds nothing else, so "spec is empty" is "replicas is 0"; then add it.
+        return [
+            {"op": "test", "path": "/spec", "value": {}},
+            {"op": "add", "path": "/spec/replicas", "value": replicas},
+        ]
+    return [
+        {"op": "test", "path": "/spec/replicas", "value": current},
+        {"op": "replace", "path": "/spec/replicas", "value": replicas},
+    ]
+
+
+def _patch_did_not_apply(exc: BaseException | None) -> bool:
+    """Whether ``exc`` is the API server's answer to a JSON patch whose test failed."""
+    from kubernetes.client.exceptions import ApiException
+
+    if not isinstance(exc, ApiException) or exc.status != 422:
+        return False
+    body = exc.body.decode(errors="replace") if isinstance(exc.body, bytes) else exc.body
+    try:
+        status = json.loads(body or "")
+    except ValueError:
+        return False
+    return (
+        isinstance(status, dict)
+        and status.get("reason") == "Invalid"
+        and status.get("message") == _PATCH_DID_NOT_APPLY
+    )
 
 
 def _describe(exc: BaseException) -> str:

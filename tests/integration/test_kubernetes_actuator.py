@@ -19,9 +19,10 @@ import pytest
 from registry.errors import MeshError
 from scaler.kubernetes import KubernetesActuator, load_apps_api
 
-EXCHANGE = json.loads((Path(__file__).parent / "data" / "k8s_scale_exchange.json").read_text())[
-    "exchange"
-]
+RECORDED = json.loads((Path(__file__).parent / "data" / "k8s_scale_exchange.json").read_text())
+EXCHANGE = RECORDED["exchange"]
+CONFLICT_EXCHANGE = RECORDED["conflict_exchange"]
+JSON_PATCH = "application/json-patch+json"
 
 
 class Replay:
@@ -48,25 +49,45 @@ class Replay:
         return step["response"]["status"], json.dumps(step["response"]["body"]).encode()
 
 
-def scale(name: str, replicas: int) -> dict[str, Any]:
-    """A Scale as the recorded exchange has it."""
+def scale(name: str, replicas: int, *, running: int | None = None) -> dict[str, Any]:
+    """A Scale as the recorded exchange has it (autoscaling/v1 omits spec.replicas 0)."""
     return {
         "kind": "Scale",
         "apiVersion": "autoscaling/v1",
         "metadata": {"name": name, "namespace": "shop"},
-        "spec": {"replicas": replicas},
-        "status": {"replicas": replicas, "selector": f"app={name}"},
+        "spec": {"replicas": replicas} if replicas else {},
+        "status": {"replicas": replicas if running is None else running, "selector": f"app={name}"},
     }
 
 
-def step(method: str, name: str, replicas: int, *, patch: int | None = None) -> dict[str, Any]:
-    request: dict[str, Any] = {
-        "method": method,
-        "path": f"/apis/apps/v1/namespaces/shop/deployments/{name}/scale",
-    }
-    if patch is not None:
-        request["body"] = {"spec": {"replicas": patch}}
+def step(method: str, name: str, replicas: int) -> dict[str, Any]:
+    request = {"method": method, "path": f"/apis/apps/v1/namespaces/shop/deployments/{name}/scale"}
     return {"request": request, "response": {"status": 200, "body": scale(name, replicas)}}
+
+
+def patched(
+    name: str, body: list[dict[str, Any]], *, status: int = 200, answer: Any = None
+) -> dict[str, Any]:
+    """A PATCH of the scale with JSON patch ``body``; the answer is the Scale it sets."""
+    if answer is None:
+        answer = scale(name, body[-1]["value"])
+    return {
+        "request": {
+            "method": "PATCH",
+            "path": f"/apis/apps/v1/namespaces/shop/deployments/{name}/scale",
+            "content_type": JSON_PATCH,
+            "body": body,
+        },
+        "response": {"status": status, "body": answer},
+    }
+
+
+def replace(current: int, replicas: int) -> list[dict[str, Any]]:
+    """The JSON patch from a count read (or patched) as ``current``."""
+    return [
+        {"op": "test", "path": "/spec/replicas", "value": current},
+        {"op": "replace", "path": "/spec/replicas", "value": replicas},
+    ]
 
 
 @pytest.fixture
@@ -117,11 +138,16 @@ def test_scales_a_deployment_through_the_scale_subresource(api_server: tuple[str
         actuator = KubernetesActuator(load_apps_api(host=url), namespace="shop")
         try:
             assert actuator.replicas("demo") is None
-            await actuator.apply("demo", 5)  # reads 3, patches to 5
+            await actuator.apply("demo", 5)  # reads 3, patches 3 -> 5
             assert actuator.replicas("demo") == 5
             await actuator.apply("demo", 5)  # already there: no request
-            with pytest.raises(MeshError, match=r"read of deployment shop/missing failed: 404"):
+            await actuator.apply("demo", 2)  # patches 5 -> 2: the count the last patch set
+            assert actuator.replicas("demo") == 2
+            with pytest.raises(MeshError) as raised:
                 await actuator.apply("missing", 2)
+            assert str(raised.value) == (
+                "kubernetes read of deployment shop/missing failed: 404 Not Found"
+            )
             assert actuator.replicas("missing") is None
         finally:
             await actuator.aclose()
@@ -131,14 +157,119 @@ def test_scales_a_deployment_through_the_scale_subresource(api_server: tuple[str
     assert replay.served == len(EXCHANGE)
 
 
+def test_a_patch_over_a_count_changed_since_is_refused_and_read_again() -> None:
+    # demo is scaled 3 -> 5; someone else (a newer leader, an operator) scales it to 7;
+    # this actuator, still believing 5, patches 5 -> 4: the test op fails, the API server
+    # answers 422 and writes nothing. The next apply reads 7 and patches 7 -> 4.
+    with replaying(CONFLICT_EXCHANGE) as (url, replay):
+
+        async def scenario() -> None:
+            actuator = KubernetesActuator(load_apps_api(host=url), namespace="shop")
+            try:
+                await actuator.apply("demo", 5)
+                assert actuator.replicas("demo") == 5
+                with pytest.raises(MeshError) as raised:
+                    await actuator.apply("demo", 4)
+                assert str(raised.value) == (
+                    "kubernetes scale of deployment shop/demo to 4 refused: its replicas were"
+                    " changed by someone else since they were read as 5; they will be read again"
+                )
+                assert actuator.replicas("demo") is None, "the count it had is forgotten"
+                await actuator.apply("demo", 4)
+                assert actuator.replicas("demo") == 4
+            finally:
+                await actuator.aclose()
+
+        asyncio.run(scenario())
+    assert replay.mismatches == []
+    assert replay.served == len(CONFLICT_EXCHANGE)
+
+
+def test_a_count_the_api_server_refuses_is_not_taken_for_a_conflict() -> None:
+    # Also a 422 Invalid, but from validation (as a real API server answers replicas -1):
+    # the count was not changed by anyone, the error says what the server said.
+    invalid = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": 'Scale.autoscaling "demo" is invalid: spec.replicas: Invalid value: -1:'
+        " must be greater than or equal to 0",
+        "reason": "Invalid",
+        "details": {
+            "name": "demo",
+            "group": "autoscaling",
+            "kind": "Scale",
+            "causes": [
+                {
+                    "reason": "FieldValueInvalid",
+                    "message": "Invalid value: -1: must be greater than or equal to 0",
+                    "field": "spec.replicas",
+                }
+            ],
+        },
+        "code": 422,
+    }
+    exchange = [step("GET", "demo", 3), patched("demo", replace(3, -1), status=422, answer=invalid)]
+    with replaying(exchange) as (url, replay):
+
+        async def scenario() -> None:
+            actuator = KubernetesActuator(load_apps_api(host=url), namespace="shop")
+            try:
+                with pytest.raises(MeshError) as raised:
+                    await actuator.apply("demo", -1)
+                assert str(raised.value) == (
+                    "kubernetes patch of deployment shop/demo failed: 422 Unprocessable Entity"
+                )
+                assert actuator.replicas("demo") is None
+            finally:
+                await actuator.aclose()
+
+        asyncio.run(scenario())
+    assert replay.mismatches == []
+    assert replay.served == len(exchange)
+
+
+def test_scales_from_and_to_zero() -> None:
+    # At 0 the Scale has "spec": {}: a test of /spec/replicas against 0 would fail on a
+    # real API server, so from 0 the patch tests for the empty spec and adds the count.
+    exchange = [
+        step("GET", "demo", 0),
+        patched(
+            "demo",
+            [
+                {"op": "test", "path": "/spec", "value": {}},
+                {"op": "add", "path": "/spec/replicas", "value": 2},
+            ],
+        ),
+        patched("demo", replace(2, 0), answer=scale("demo", 0, running=2)),
+    ]
+    with replaying(exchange) as (url, replay):
+
+        async def scenario() -> None:
+            actuator = KubernetesActuator(load_apps_api(host=url), namespace="shop")
+            try:
+                await actuator.apply("demo", 2)
+                assert actuator.replicas("demo") == 2
+                await actuator.apply("demo", 0)
+                assert actuator.replicas("demo") == 0
+                await actuator.apply("demo", 0)  # already there: no request
+            finally:
+                await actuator.aclose()
+
+        asyncio.run(scenario())
+    assert replay.mismatches == []
+    assert replay.served == len(exchange)
+
+
 def test_a_new_term_reads_the_deployment_again() -> None:
     # A scales demo to 5; B leads for a while and scales it to 7; A leads again and
     # decides 5. A's cache still says 5, but the Deployment is at 7: it must look.
     exchange = [
         step("GET", "demo", 3),
-        step("PATCH", "demo", 5, patch=5),
+        patched("demo", replace(3, 5)),
         step("GET", "demo", 7),
-        step("PATCH", "demo", 5, patch=5),
+        patched("demo", replace(7, 5)),
     ]
     with replaying(exchange) as (url, replay):
 
