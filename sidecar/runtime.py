@@ -87,6 +87,9 @@ class Sidecar:
         self._background: set[asyncio.Task[None]] = set()
         self.registered = False
         self._record: InstanceRecord | None = None
+        # Set once the routing table holds this instance: "registered" (and ready)
+        # then also means the topology has been read, so the app's first call routes.
+        self._routes_self = asyncio.Event()
 
     def _app_state_changed(self, up: bool) -> None:
         """The app stopped (or started) answering: peers' health probes should see it."""
@@ -115,6 +118,10 @@ class Sidecar:
         old = self.outbound.table
         table = RoutingTable.build(self._latest, previous=old)
         self.outbound.set_table(table)
+        if self._record is not None and not self._routes_self.is_set():
+            ring = table.rings.get(self._record.service)
+            if ring is not None and self._record.id in ring.peers:
+                self._routes_self.set()
         if table.unary_methods != old.unary_methods:
             self._out_handler.forget_handlers()
         # Keep channels to draining instances too: calls may still be in flight there.
@@ -284,6 +291,7 @@ class Sidecar:
         run = asyncio.create_task(keeper.run(), name="lease-keeper")
         try:
             await keeper.granted.wait()
+            await self._routes_self.wait()  # our own watch has seen us
             await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
             self.registered = True
             announce("registered", **ports)

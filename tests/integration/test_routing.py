@@ -6,12 +6,15 @@ import json
 import subprocess
 import sys
 from collections import defaultdict
+from pathlib import Path
 
 import grpc
 import pytest
 
 from proto import demo_pb2
 from ringmesh import cli
+from ringmesh.localmesh import LocalMesh
+from tests.etcd_proxy import LaggingEtcdProxy
 from tests.mesh import Mesh
 
 pytestmark = pytest.mark.integration
@@ -75,6 +78,21 @@ def test_unkeyed_calls_spread_over_instances(mesh: Mesh) -> None:
             )
             counts[reply.instance] += 1
     assert set(counts) == {e.name for e in echoes}
+
+
+def test_a_sidecar_says_registered_only_once_it_routes(mesh: Mesh, tmp_path: Path) -> None:
+    """'registered' (and ready) means its own watch has seen its record, so the
+    app's first call through it routes. Its watch lags here by 0.5 s (its etcd
+    is a proxy holding back each watch event); its put does not."""
+    with (
+        LaggingEtcdProxy(f"127.0.0.1:{mesh.etcd.client_port}", watch_delay=0.5) as proxy,
+        LocalMesh(proxy.url, prefix=mesh.prefix, logs=tmp_path) as lagging,
+    ):
+        echo = lagging.add("echo")
+        with mesh.channel(echo.outbound) as channel:
+            # No ringmesh-service: resolving the method needs the registered records.
+            reply = mesh.stub(channel).Echo(demo_pb2.EchoRequest(text="x"), timeout=5)
+        assert reply.instance == echo.name
 
 
 def test_method_path_resolves_the_one_service_declaring_it(mesh: Mesh) -> None:
