@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 VERSION = "0.1.0"
 _DRAIN_SETTLE = 0.3  # seconds for peers' watches to see "draining"
 _DRAIN_QUIET = 0.2  # ... and then no new call for this long
+_ROUTED_PATIENCE = 5.0  # seconds before saying that our own watch has not shown us
 _PROBE_INTERVAL = 1.0
 _PROBE_TIMEOUT = 1.0
 
@@ -291,7 +292,7 @@ class Sidecar:
         run = asyncio.create_task(keeper.run(), name="lease-keeper")
         try:
             await keeper.granted.wait()
-            await self._routes_self.wait()  # our own watch has seen us
+            await self._wait_until_routed()
             await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
             self.registered = True
             announce("registered", **ports)
@@ -301,6 +302,19 @@ class Sidecar:
             with contextlib.suppress(asyncio.CancelledError):
                 await run
             self.registered = False
+
+    async def _wait_until_routed(self) -> None:
+        """Until our own watch has shown our record (milliseconds, normally)."""
+        try:
+            async with asyncio.timeout(_ROUTED_PATIENCE):
+                await self._routes_self.wait()
+        except TimeoutError:
+            log.warning(
+                "registered in etcd, but the topology watch has not shown this instance"
+                " after %.0f s: not ready until it does",
+                _ROUTED_PATIENCE,
+            )
+            await self._routes_self.wait()
 
     @property
     def _record_key(self) -> str:
