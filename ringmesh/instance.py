@@ -15,6 +15,7 @@ import sys
 import threading
 from types import FrameType
 
+from registry.errors import MeshError
 from registry.keys import DEFAULT_PREFIX
 from ringmesh.localmesh import LocalMesh
 
@@ -35,8 +36,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     with LocalMesh(args.etcd, prefix=args.prefix) as mesh:
-        instance = mesh.add(args.service, f"{args.service}-{args.index}", *args.sidecar_args)
-        print(json.dumps({"event": "registered", **instance.info}), flush=True)
+        name = f"{args.service}-{args.index}"
+        instance = mesh.add(args.service, name, *args.sidecar_args, wait=False)
+        # Registering can take a while (the sidecar's watch must show it): a SIGTERM
+        # meanwhile stops both at once rather than after the registration.
+        while True:
+            if stop.is_set():
+                return 0
+            if not (instance.app.alive() and instance.sidecar.alive()):
+                return 1
+            try:
+                info = instance.sidecar.wait_event("registered", timeout=0.2)
+                break
+            except MeshError:
+                continue
+        print(json.dumps(info), flush=True)
         while not stop.wait(0.2):
             if not (instance.app.alive() and instance.sidecar.alive()):
                 return 1

@@ -14,9 +14,11 @@ count another leader has set since.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from registry.errors import ConfigError, MeshError
@@ -24,6 +26,7 @@ from registry.errors import ConfigError, MeshError
 log = logging.getLogger(__name__)
 
 DEFAULT_REQUEST_TIMEOUT_S = 5.0
+_FRESH_FOR = 10.0  # seconds a count read or patched is trusted without reading it again
 
 JSON_PATCH = "application/json-patch+json"  # RFC 6902: a list of operations
 # What the API server answers (422, reason Invalid) when a JSON patch does not apply to
@@ -63,6 +66,7 @@ class KubernetesActuator:
         namespace: str = "default",
         deployments: Mapping[str, str] | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not request_timeout > 0:
             raise ConfigError(f"request timeout must be > 0 seconds, got {request_timeout}")
@@ -71,13 +75,19 @@ class KubernetesActuator:
         self._deployments = dict(deployments or {})
         # (connect, read) per attempt; the client retries idempotent reads a few times.
         self._request_timeout = (request_timeout, request_timeout)
-        self._known: dict[str, int] = {}  # spec.replicas as last read or patched this term
+        self._clock = clock
+        # spec.replicas as last read or patched this term, and when. Trusted for
+        # _FRESH_FOR seconds only: a stalled old leader's patch can still land when
+        # its test op matches the count we decided to keep (and so sent nothing),
+        # and an operator may scale by hand; either is seen at the next read.
+        self._known: dict[str, tuple[int, float]] = {}
 
     def deployment(self, service: str) -> str:
         return self._deployments.get(service, service)
 
     def replicas(self, service: str) -> int | None:
-        return self._known.get(service)
+        known = self._known.get(service)
+        return None if known is None else known[0]
 
     def new_term(self) -> None:
         # Another leader may have scaled since: read each Deployment again before acting.
@@ -87,13 +97,15 @@ class KubernetesActuator:
         """The Deployment's desired replicas (spec of its scale subresource)."""
         scale = await self._call("read", self._api.read_namespaced_deployment_scale, service)
         replicas = int(scale.spec.replicas or 0)
-        self._known[service] = replicas
+        self._known[service] = (replicas, self._clock())
         return replicas
 
     async def apply(self, service: str, replicas: int) -> None:
-        current = self._known.get(service)
-        if current is None:
+        known = self._known.get(service)
+        if known is None or self._clock() - known[1] > _FRESH_FOR:
             current = await self.read(service)
+        else:
+            current = known[0]
         if current == replicas:
             return
         try:
@@ -108,13 +120,17 @@ class KubernetesActuator:
         except MeshError as exc:
             if not _patch_did_not_apply(exc.__cause__):
                 raise
-            # _call has forgotten the count: the next apply reads it again.
+            # Read the count in force now, so the next decision starts from it (if
+            # this read fails too, _call has forgotten the count: the next apply reads).
+            now = ""
+            with contextlib.suppress(MeshError):
+                now = f" (now {await self.read(service)})"
             raise MeshError(
                 f"kubernetes scale of deployment {self._namespace}/{self.deployment(service)}"
                 f" to {replicas} refused: its replicas were changed by someone else since"
-                f" they were read as {current}; they will be read again"
+                f" they were read as {current}{now}"
             ) from exc.__cause__
-        self._known[service] = int(scale.spec.replicas or 0)
+        self._known[service] = (int(scale.spec.replicas or 0), self._clock())
         log.info(
             "%s: deployment %s/%s scaled %d -> %d",
             service,

@@ -87,6 +87,7 @@ class Sidecar:
         self._rebuild_scheduled = False
         self._background: set[asyncio.Task[None]] = set()
         self.registered = False
+        self._draining = False
         self._record: InstanceRecord | None = None
         # Set once the routing table holds this instance: "registered" (and ready)
         # then also means the topology has been read, so the app's first call routes.
@@ -120,8 +121,9 @@ class Sidecar:
         table = RoutingTable.build(self._latest, previous=old)
         self.outbound.set_table(table)
         if self._record is not None and not self._routes_self.is_set():
-            ring = table.rings.get(self._record.service)
-            if ring is not None and self._record.id in ring.peers:
+            # Our record as we put it (not one an earlier run left under the same id).
+            entry = self._latest.services.get(self._record.service, {}).get(self._record.id)
+            if entry is not None and entry.record == self._record:
                 self._routes_self.set()
         if table.unary_methods != old.unary_methods:
             self._out_handler.forget_handlers()
@@ -173,7 +175,7 @@ class Sidecar:
         admin = AdminServer(
             admin_host,
             admin_port,
-            ready=lambda: self.registered,
+            ready=lambda: self.registered and not self._draining,
             stats=self.snapshot,
             metrics=telemetry.prometheus_text,
         )
@@ -293,9 +295,17 @@ class Sidecar:
         try:
             await keeper.granted.wait()
             await self._wait_until_routed()
-            await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
-            self.registered = True
-            announce("registered", **ports)
+            if not self._draining:  # a SIGTERM may have come while we waited
+                # Calls may have reached the app meanwhile: its state is known.
+                up = self.inbound.app_up
+                await self._health.set(
+                    "",
+                    health_pb2.HealthCheckResponse.SERVING
+                    if up
+                    else health_pb2.HealthCheckResponse.NOT_SERVING,
+                )
+                self.registered = True
+                announce("registered", **ports)
             await run
         finally:
             run.cancel()
@@ -349,6 +359,7 @@ class Sidecar:
         self, keeper: LeaseKeeper, inbound: grpc.aio.Server, outbound: grpc.aio.Server
     ) -> None:
         """Drain: mark draining, serve in-flight and late calls, deregister, stop."""
+        self._draining = True
         grace = self.config.drain_grace
         deadline = self._clock() + grace
         if self._record is not None and keeper.lease_id is not None:

@@ -160,7 +160,8 @@ def test_scales_a_deployment_through_the_scale_subresource(api_server: tuple[str
 def test_a_patch_over_a_count_changed_since_is_refused_and_read_again() -> None:
     # demo is scaled 3 -> 5; someone else (a newer leader, an operator) scales it to 7;
     # this actuator, still believing 5, patches 5 -> 4: the test op fails, the API server
-    # answers 422 and writes nothing. The next apply reads 7 and patches 7 -> 4.
+    # answers 422 and writes nothing. The actuator reads 7 at once; the next apply
+    # patches 7 -> 4.
     with replaying(CONFLICT_EXCHANGE) as (url, replay):
 
         async def scenario() -> None:
@@ -172,9 +173,9 @@ def test_a_patch_over_a_count_changed_since_is_refused_and_read_again() -> None:
                     await actuator.apply("demo", 4)
                 assert str(raised.value) == (
                     "kubernetes scale of deployment shop/demo to 4 refused: its replicas were"
-                    " changed by someone else since they were read as 5; they will be read again"
+                    " changed by someone else since they were read as 5 (now 7)"
                 )
-                assert actuator.replicas("demo") is None, "the count it had is forgotten"
+                assert actuator.replicas("demo") == 7, "the count in force, read at once"
                 await actuator.apply("demo", 4)
                 assert actuator.replicas("demo") == 4
             finally:
@@ -279,6 +280,39 @@ def test_a_new_term_reads_the_deployment_again() -> None:
                 await actuator.apply("demo", 5)
                 actuator.new_term()
                 assert actuator.replicas("demo") is None, "the count in force is unknown"
+                await actuator.apply("demo", 5)
+                assert actuator.replicas("demo") == 5
+            finally:
+                await actuator.aclose()
+
+        asyncio.run(scenario())
+    assert replay.mismatches == []
+    assert replay.served == len(exchange)
+
+
+def test_a_count_is_read_again_once_it_is_ten_seconds_old() -> None:
+    # demo is scaled 3 -> 5. Someone else sets 7 (a stalled old leader whose test op
+    # matched, an operator by hand). Deciding 5 again, a fresh cache would send nothing;
+    # after 10 s the actuator reads the Deployment, sees 7 and puts back 5.
+    now = [0.0]
+    exchange = [
+        step("GET", "demo", 3),
+        patched("demo", replace(3, 5)),
+        step("GET", "demo", 7),
+        patched("demo", replace(7, 5)),
+    ]
+    with replaying(exchange) as (url, replay):
+
+        async def scenario() -> None:
+            actuator = KubernetesActuator(
+                load_apps_api(host=url), namespace="shop", clock=lambda: now[0]
+            )
+            try:
+                await actuator.apply("demo", 5)
+                now[0] += 9.0
+                await actuator.apply("demo", 5)  # fresh: trusted, nothing sent
+                assert replay.served == 2
+                now[0] += 2.0
                 await actuator.apply("demo", 5)
                 assert actuator.replicas("demo") == 5
             finally:
