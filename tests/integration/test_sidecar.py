@@ -12,6 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -25,7 +27,7 @@ from registry.records import InstanceRecord
 from registry.scaling import Target
 from ringmesh import cli
 from sidecar.routing import RoutingTable
-from tests.mesh import Mesh, stats
+from tests.mesh import Instance, Mesh, stats
 from tests.waiting import until
 
 pytestmark = pytest.mark.integration
@@ -354,6 +356,7 @@ def test_a_draining_instance_serves_peers_that_have_not_seen_the_drain(mesh: Mes
     drain lasts while calls keep arriving, within --drain-grace."""
     echo = mesh.add("echo", None, "--drain-grace", "5")
     outcomes: list[str] = []
+    readiness: list[int] = []
     with grpc.insecure_channel(echo.address) as channel:
         stub = mesh.stub(channel)
         stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=keyed("k"), timeout=5)
@@ -367,9 +370,20 @@ def test_a_draining_instance_serves_peers_that_have_not_seen_the_drain(mesh: Mes
                 outcomes.append("ok")
             except grpc.RpcError as exc:
                 outcomes.append(exc.code().name)
+            if len(outcomes) == 3:  # mid-drain
+                readiness.append(ready_status(echo))
             time.sleep(0.05)  # gaps in which nothing is in flight
     assert outcomes and set(outcomes) == {"ok"}, outcomes
+    assert readiness == [503], "not ready while draining: no new traffic, please"
     assert echo.sidecar.proc.wait(timeout=10) == 0
+
+
+def ready_status(instance: Instance) -> int:
+    try:
+        with urllib.request.urlopen(f"http://{instance.admin}/ready", timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
 
 
 def test_topology_watch_prints_each_change(mesh: Mesh) -> None:
