@@ -31,6 +31,7 @@ from sidecar.inbound import InboundDirector
 from sidecar.load import window_load
 from sidecar.otel import TelemetryPipeline, build_pipeline
 from sidecar.outbound import OutboundDirector
+from sidecar.probes import probe_app, probe_ejected_peers
 from sidecar.proxy import ProxyHandler
 from sidecar.retry import RetryPolicy
 from sidecar.routing import RoutingTable
@@ -44,8 +45,6 @@ VERSION = "0.1.0"
 _DRAIN_SETTLE = 0.3  # seconds for peers' watches to see "draining"
 _DRAIN_QUIET = 0.2  # ... and then no new call for this long
 _ROUTED_PATIENCE = 5.0  # seconds before saying that our own watch has not shown us
-_PROBE_INTERVAL = 1.0
-_PROBE_TIMEOUT = 1.0
 
 
 def announce(event: str, **fields: Any) -> None:
@@ -98,12 +97,7 @@ class Sidecar:
         if not self.registered:
             return
         log.warning("app at %s is %s", self.config.app, "reachable again" if up else "unreachable")
-        status = (
-            health_pb2.HealthCheckResponse.SERVING
-            if up
-            else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
-        self._spawn(self._health.set("", status))
+        self._spawn(self._health.set("", _health_status(up)))
 
     # -- routing state: rebuilt off the hot path, swapped whole -------------------
 
@@ -203,8 +197,12 @@ class Sidecar:
                 keeper = LeaseKeeper(etcd, ttl=config.ttl, clock=self._clock)
                 tasks = [
                     asyncio.create_task(watch.run(), name="topology-watch"),
-                    asyncio.create_task(self._probe_ejected(), name="probe-ejected"),
-                    asyncio.create_task(self._probe_app(), name="probe-app"),
+                    asyncio.create_task(
+                        probe_ejected_peers(self.outbound, self._out_pool), name="probe-ejected"
+                    ),
+                    asyncio.create_task(
+                        probe_app(self.inbound, self._in_pool, config.app), name="probe-app"
+                    ),
                     asyncio.create_task(
                         self._report_load(keeper, telemetry, instance_id), name="load"
                     ),
@@ -297,13 +295,7 @@ class Sidecar:
             await self._wait_until_routed()
             if not self._draining:  # a SIGTERM may have come while we waited
                 # Calls may have reached the app meanwhile: its state is known.
-                up = self.inbound.app_up
-                await self._health.set(
-                    "",
-                    health_pb2.HealthCheckResponse.SERVING
-                    if up
-                    else health_pb2.HealthCheckResponse.NOT_SERVING,
-                )
+                await self._health.set("", _health_status(self.inbound.app_up))
                 self.registered = True
                 announce("registered", **ports)
             await run
@@ -384,39 +376,12 @@ class Sidecar:
         await keeper.revoke()
         await asyncio.gather(inbound.stop(1.0), outbound.stop(1.0))
 
-    async def _probe_ejected(self) -> None:
-        """Health-probe peers ejected as unreachable every second; a passing probe
-        brings one back."""
-        while True:
-            await asyncio.sleep(_PROBE_INTERVAL)
-            table = self.outbound.table
-            for service, ring in table.rings.items():
-                ejector = self.outbound.ejector(service)
-                for peer_id in ejector.awaiting_probe():
-                    peer = ring.peers.get(peer_id)
-                    if peer is not None and await self._probe(peer.address):
-                        log.info(
-                            "%s/%s passed its health probe: back in rotation", service, peer_id
-                        )
-                        ejector.probe_passed(peer_id)
 
-    async def _probe_app(self) -> None:
-        """While the app is unreachable, try it every second: a restarted app is back in
-        rotation as soon as it accepts connections (peers' probes then see SERVING)."""
-        while True:
-            await asyncio.sleep(_PROBE_INTERVAL)
-            if not self.inbound.app_up and await self._in_pool.ensure_connected(
-                self.config.app, _PROBE_TIMEOUT
-            ):
-                self.inbound.note_app(up=True)
-
-    async def _probe(self, address: str) -> bool:
-        stub = health_pb2_grpc.HealthStub(self._out_pool.channel(address))
-        try:
-            reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=_PROBE_TIMEOUT)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+def _health_status(app_up: bool) -> Any:
+    """What this sidecar's grpc.health.v1 says: SERVING while its app answers."""
+    if app_up:
+        return health_pb2.HealthCheckResponse.SERVING
+    return health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def _first_failure(tasks: list[asyncio.Task[Any]]) -> BaseException | None:
