@@ -9,7 +9,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -90,12 +90,6 @@ def replace(current: int, replicas: int) -> list[dict[str, Any]]:
     ]
 
 
-@pytest.fixture
-def api_server() -> Iterator[tuple[str, Replay]]:
-    with replaying(EXCHANGE) as served:
-        yield served
-
-
 @contextlib.contextmanager
 def replaying(exchange: list[dict[str, Any]]) -> Iterator[tuple[str, Replay]]:
     replay = Replay(exchange)
@@ -131,30 +125,43 @@ def replaying(exchange: list[dict[str, Any]]) -> Iterator[tuple[str, Replay]]:
         thread.join()
 
 
-def test_scales_a_deployment_through_the_scale_subresource(api_server: tuple[str, Replay]) -> None:
-    url, replay = api_server
+def against(
+    exchange: list[dict[str, Any]],
+    scenario: Callable[[KubernetesActuator, Replay], Awaitable[None]],
+    **options: Any,
+) -> None:
+    """Run ``scenario`` with an actuator on a server replaying ``exchange``; every
+    step must then have been served, as recorded, and nothing more."""
+    with replaying(exchange) as (url, replay):
 
-    async def scenario() -> None:
-        actuator = KubernetesActuator(load_apps_api(host=url), namespace="shop")
-        try:
-            assert actuator.replicas("demo") is None
-            await actuator.apply("demo", 5)  # reads 3, patches 3 -> 5
-            assert actuator.replicas("demo") == 5
-            await actuator.apply("demo", 5)  # already there: no request
-            await actuator.apply("demo", 2)  # patches 5 -> 2: the count the last patch set
-            assert actuator.replicas("demo") == 2
-            with pytest.raises(MeshError) as raised:
-                await actuator.apply("missing", 2)
-            assert str(raised.value) == (
-                "kubernetes read of deployment shop/missing failed: 404 Not Found"
-            )
-            assert actuator.replicas("missing") is None
-        finally:
-            await actuator.aclose()
+        async def run() -> None:
+            actuator = KubernetesActuator(load_apps_api(host=url), namespace="shop", **options)
+            try:
+                await scenario(actuator, replay)
+            finally:
+                await actuator.aclose()
 
-    asyncio.run(scenario())
+        asyncio.run(run())
     assert replay.mismatches == []
-    assert replay.served == len(EXCHANGE)
+    assert replay.served == len(exchange)
+
+
+def test_scales_a_deployment_through_the_scale_subresource() -> None:
+    async def scenario(actuator: KubernetesActuator, replay: Replay) -> None:
+        assert actuator.replicas("demo") is None
+        await actuator.apply("demo", 5)  # reads 3, patches 3 -> 5
+        assert actuator.replicas("demo") == 5
+        await actuator.apply("demo", 5)  # already there: no request
+        await actuator.apply("demo", 2)  # patches 5 -> 2: the count the last patch set
+        assert actuator.replicas("demo") == 2
+        with pytest.raises(MeshError) as raised:
+            await actuator.apply("missing", 2)
+        assert str(raised.value) == (
+            "kubernetes read of deployment shop/missing failed: 404 Not Found"
+        )
+        assert actuator.replicas("missing") is None
+
+    against(EXCHANGE, scenario)
 
 
 def test_a_patch_over_a_count_changed_since_is_refused_and_read_again() -> None:
@@ -162,28 +169,20 @@ def test_a_patch_over_a_count_changed_since_is_refused_and_read_again() -> None:
     # this actuator, still believing 5, patches 5 -> 4: the test op fails, the API server
     # answers 422 and writes nothing. The actuator reads 7 at once; the next apply
     # patches 7 -> 4.
-    with replaying(CONFLICT_EXCHANGE) as (url, replay):
+    async def scenario(actuator: KubernetesActuator, replay: Replay) -> None:
+        await actuator.apply("demo", 5)
+        assert actuator.replicas("demo") == 5
+        with pytest.raises(MeshError) as raised:
+            await actuator.apply("demo", 4)
+        assert str(raised.value) == (
+            "kubernetes scale of deployment shop/demo to 4 refused: its replicas were"
+            " changed by someone else since they were read as 5 (now 7)"
+        )
+        assert actuator.replicas("demo") == 7, "the count in force, read at once"
+        await actuator.apply("demo", 4)
+        assert actuator.replicas("demo") == 4
 
-        async def scenario() -> None:
-            actuator = KubernetesActuator(load_apps_api(host=url), namespace="shop")
-            try:
-                await actuator.apply("demo", 5)
-                assert actuator.replicas("demo") == 5
-                with pytest.raises(MeshError) as raised:
-                    await actuator.apply("demo", 4)
-                assert str(raised.value) == (
-                    "kubernetes scale of deployment shop/demo to 4 refused: its replicas were"
-                    " changed by someone else since they were read as 5 (now 7)"
-                )
-                assert actuator.replicas("demo") == 7, "the count in force, read at once"
-                await actuator.apply("demo", 4)
-                assert actuator.replicas("demo") == 4
-            finally:
-                await actuator.aclose()
-
-        asyncio.run(scenario())
-    assert replay.mismatches == []
-    assert replay.served == len(CONFLICT_EXCHANGE)
+    against(CONFLICT_EXCHANGE, scenario)
 
 
 def test_a_count_the_api_server_refuses_is_not_taken_for_a_conflict() -> None:
@@ -212,23 +211,16 @@ def test_a_count_the_api_server_refuses_is_not_taken_for_a_conflict() -> None:
         "code": 422,
     }
     exchange = [step("GET", "demo", 3), patched("demo", replace(3, -1), status=422, answer=invalid)]
-    with replaying(exchange) as (url, replay):
 
-        async def scenario() -> None:
-            actuator = KubernetesActuator(load_apps_api(host=url), namespace="shop")
-            try:
-                with pytest.raises(MeshError) as raised:
-                    await actuator.apply("demo", -1)
-                assert str(raised.value) == (
-                    "kubernetes patch of deployment shop/demo failed: 422 Unprocessable Entity"
-                )
-                assert actuator.replicas("demo") is None
-            finally:
-                await actuator.aclose()
+    async def scenario(actuator: KubernetesActuator, replay: Replay) -> None:
+        with pytest.raises(MeshError) as raised:
+            await actuator.apply("demo", -1)
+        assert str(raised.value) == (
+            "kubernetes patch of deployment shop/demo failed: 422 Unprocessable Entity"
+        )
+        assert actuator.replicas("demo") is None
 
-        asyncio.run(scenario())
-    assert replay.mismatches == []
-    assert replay.served == len(exchange)
+    against(exchange, scenario)
 
 
 def test_scales_from_and_to_zero() -> None:
@@ -245,22 +237,15 @@ def test_scales_from_and_to_zero() -> None:
         ),
         patched("demo", replace(2, 0), answer=scale("demo", 0, running=2)),
     ]
-    with replaying(exchange) as (url, replay):
 
-        async def scenario() -> None:
-            actuator = KubernetesActuator(load_apps_api(host=url), namespace="shop")
-            try:
-                await actuator.apply("demo", 2)
-                assert actuator.replicas("demo") == 2
-                await actuator.apply("demo", 0)
-                assert actuator.replicas("demo") == 0
-                await actuator.apply("demo", 0)  # already there: no request
-            finally:
-                await actuator.aclose()
+    async def scenario(actuator: KubernetesActuator, replay: Replay) -> None:
+        await actuator.apply("demo", 2)
+        assert actuator.replicas("demo") == 2
+        await actuator.apply("demo", 0)
+        assert actuator.replicas("demo") == 0
+        await actuator.apply("demo", 0)  # already there: no request
 
-        asyncio.run(scenario())
-    assert replay.mismatches == []
-    assert replay.served == len(exchange)
+    against(exchange, scenario)
 
 
 def test_a_new_term_reads_the_deployment_again() -> None:
@@ -272,22 +257,15 @@ def test_a_new_term_reads_the_deployment_again() -> None:
         step("GET", "demo", 7),
         patched("demo", replace(7, 5)),
     ]
-    with replaying(exchange) as (url, replay):
 
-        async def scenario() -> None:
-            actuator = KubernetesActuator(load_apps_api(host=url), namespace="shop")
-            try:
-                await actuator.apply("demo", 5)
-                actuator.new_term()
-                assert actuator.replicas("demo") is None, "the count in force is unknown"
-                await actuator.apply("demo", 5)
-                assert actuator.replicas("demo") == 5
-            finally:
-                await actuator.aclose()
+    async def scenario(actuator: KubernetesActuator, replay: Replay) -> None:
+        await actuator.apply("demo", 5)
+        actuator.new_term()
+        assert actuator.replicas("demo") is None, "the count in force is unknown"
+        await actuator.apply("demo", 5)
+        assert actuator.replicas("demo") == 5
 
-        asyncio.run(scenario())
-    assert replay.mismatches == []
-    assert replay.served == len(exchange)
+    against(exchange, scenario)
 
 
 def test_a_count_is_read_again_once_it_is_ten_seconds_old() -> None:
@@ -301,26 +279,17 @@ def test_a_count_is_read_again_once_it_is_ten_seconds_old() -> None:
         step("GET", "demo", 7),
         patched("demo", replace(7, 5)),
     ]
-    with replaying(exchange) as (url, replay):
 
-        async def scenario() -> None:
-            actuator = KubernetesActuator(
-                load_apps_api(host=url), namespace="shop", clock=lambda: now[0]
-            )
-            try:
-                await actuator.apply("demo", 5)
-                now[0] += 9.0
-                await actuator.apply("demo", 5)  # fresh: trusted, nothing sent
-                assert replay.served == 2
-                now[0] += 2.0
-                await actuator.apply("demo", 5)
-                assert actuator.replicas("demo") == 5
-            finally:
-                await actuator.aclose()
+    async def scenario(actuator: KubernetesActuator, replay: Replay) -> None:
+        await actuator.apply("demo", 5)
+        now[0] += 9.0
+        await actuator.apply("demo", 5)  # fresh: trusted, nothing sent
+        assert replay.served == 2
+        now[0] += 2.0
+        await actuator.apply("demo", 5)
+        assert actuator.replicas("demo") == 5
 
-        asyncio.run(scenario())
-    assert replay.mismatches == []
-    assert replay.served == len(exchange)
+    against(exchange, scenario, clock=lambda: now[0])
 
 
 def test_an_unreachable_api_server_is_a_one_line_mesh_error() -> None:
