@@ -41,7 +41,11 @@ def build_parser() -> EnvParser:
 
     sidecar = commands.add_parser("sidecar", help="run the sidecar of one service instance")
     sidecar.option("--service", required=True, help="this instance's service (a DNS label)")
-    sidecar.option("--app", required=True, metavar="HOST:PORT", help="the app's gRPC address")
+    sidecar.option(
+        "--app",
+        metavar="HOST:PORT",
+        help="the app's gRPC address (without it: outbound only, registers nothing)",
+    )
     sidecar.option(
         "--outbound",
         default="127.0.0.1:15001",

@@ -123,7 +123,7 @@ def demo_app(instance: str, *, port: int = 0, stderr: Any = None) -> Child:
 
 def sidecar(
     service: str,
-    app: str,
+    app: str | None,
     etcd_url: str,
     *extra: str,
     name: str | None = None,
@@ -135,8 +135,7 @@ def sidecar(
         "sidecar",
         "--service",
         service,
-        "--app",
-        app,
+        *(("--app", app) if app is not None else ()),
         "--etcd",
         etcd_url,
         "--outbound",

@@ -37,7 +37,7 @@ def is_loopback(host: str) -> bool:
 @dataclass(frozen=True)
 class SidecarConfig:
     service: str
-    app: str
+    app: str | None = None  # None: outbound only (a job or gateway), registers nothing
     outbound: str = "127.0.0.1:15001"
     inbound: str = "0.0.0.0:15002"
     advertise: str | None = None
@@ -55,7 +55,8 @@ class SidecarConfig:
 
     def __post_init__(self) -> None:
         validate_service(self.service)
-        split_hostport(self.app, what="--app address")
+        if self.app is not None:
+            split_hostport(self.app, what="--app address")
         host, _ = split_hostport(self.outbound, what="--outbound address")
         if not is_loopback(host):
             raise ConfigError(

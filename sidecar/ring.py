@@ -1,18 +1,23 @@
-"""BoundedRing: consistent hashing with bounded loads, on uhashring (pure, no I/O).
+"""BoundedRing: the consistent-hash ring of one service (pure, no I/O).
 
-A ring is built once per topology change and never mutated (uhashring
-mutates in place and is not thread-safe): the sidecar builds a new one and
-swaps the reference.
+The ring is built here with uhashring and exported as its sorted points and
+their owners; lookups (the owner of a key, its failover order) run in the
+native data plane on that export, so `ringmesh route` and every sidecar
+agree by construction. The bounded-load choice is the data plane's too (it
+needs the live in-flight counters). A ring is built once per topology
+change and never mutated (uhashring mutates in place and is not
+thread-safe): the sidecar builds a new one and swaps the reference.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from fractions import Fraction
+from functools import cached_property
 
 from uhashring import HashRing
+
+from sidecar.plane import RingExport, RingIndex
 
 DEFAULT_VNODES = 160
 DEFAULT_LOAD_FACTOR = 1.25
@@ -30,7 +35,7 @@ class Peer:
 
 
 class BoundedRing:
-    """Owner lookup, failover order and bounded-load choice over a fixed set of peers."""
+    """A fixed set of peers on a uhashring ring, exported for the data plane."""
 
     def __init__(
         self,
@@ -43,13 +48,7 @@ class BoundedRing:
             raise ValueError(f"load factor must be >= 1, got {load_factor}")
         self.peers: dict[str, Peer] = {p.id: p for p in sorted(peers, key=lambda p: p.id)}
         self.load_factor = load_factor
-        # Exact integer maths for the bound: float rounding let a peer take one
-        # call over ceil(c x average) (e.g. weights 3 and 14, 67 in flight).
-        self._lf_num, self._lf_den = (
-            Fraction(load_factor).limit_denominator(10_000).as_integer_ratio()
-        )
         self._list = tuple(self.peers.values())
-        self._total_weight = sum(p.weight for p in self._list)
         self._ring = HashRing(
             {p.id: {"instance": p, "weight": p.weight, "vnodes": vnodes} for p in self._list}
         )
@@ -57,46 +56,35 @@ class BoundedRing:
     def __len__(self) -> int:
         return len(self._list)
 
+    @property
+    def members(self) -> tuple[Peer, ...]:
+        """The peers in the order the export's owner indices refer to."""
+        return self._list
+
+    @cached_property
+    def export(self) -> RingExport:
+        """The sorted points (16-byte big-endian each) and each point's owner index."""
+        index = {p.id: i for i, p in enumerate(self._list)}
+        points = self._ring.get_points()
+        return RingExport(
+            points=b"".join(point.to_bytes(16, "big") for point, _ in points),
+            owners=[index[node] for _, node in points],
+            peers=len(self._list),
+        )
+
+    @cached_property
+    def _index(self) -> RingIndex:
+        return RingIndex(self.export)
+
     def owner(self, key: str) -> Peer | None:
-        node = self._ring.get(key)
-        return None if node is None else node["instance"]
+        order = self.order(key)
+        return order[0] if order else None
 
     def order(self, key: str) -> list[Peer]:
         """Every peer once, in ring order from ``key``: the owner, then the failover order."""
         if not self._list:
             return []
-        return [node["instance"] for node in self._ring.range(key)]
-
-    def capacity(self, peer: Peer, total_inflight: int) -> int:
-        """Most calls ``peer`` may hold once one more call is placed (weighted bound)."""
-        numerator = self._lf_num * (total_inflight + 1) * peer.weight
-        return -(-numerator // (self._lf_den * self._total_weight))
-
-    def choose(self, key: str, inflight: Mapping[str, int]) -> Peer:
-        """The first peer in ring order from ``key`` that is below its bounded load."""
-        if not self._list:
-            raise LookupError("empty ring")
-        total = sum(inflight.get(p.id, 0) for p in self._list)
-        owner = self.owner(key)
-        assert owner is not None
-        if inflight.get(owner.id, 0) < self.capacity(owner, total):
-            return owner
-        for node in self._ring.range(key):
-            peer: Peer = node["instance"]
-            if inflight.get(peer.id, 0) < self.capacity(peer, total):
-                return peer
-        return owner  # unreachable: the loads cannot all be above their bounds
-
-    def pick_two(self, inflight: Mapping[str, int], rng: random.Random) -> Peer:
-        """Unkeyed calls: the less loaded (per weight) of two random peers."""
-        if not self._list:
-            raise LookupError("empty ring")
-        if len(self._list) == 1:
-            return self._list[0]
-        a, b = rng.sample(self._list, 2)
-        if inflight.get(b.id, 0) * a.weight < inflight.get(a.id, 0) * b.weight:
-            return b
-        return a
+        return [self._list[i] for i in self._index.order(key)]
 
     def shares(self) -> dict[str, float]:
         """Fraction of the hash space each peer owns (what `ringmesh topology` prints)."""

@@ -1,15 +1,16 @@
-"""RoutingTable: which service a call is for, and which instances may serve it."""
+"""RoutingTable: which instances may serve each service, and who declares which gRPC service.
+
+(Resolving a call's service from these is the data plane's: tested in Rust.)"""
 
 from __future__ import annotations
 
 import pytest
 
-from registry.errors import InvalidName, MeshError, NoLiveInstance, UnknownService
+from registry.errors import MeshError, NoLiveInstance, UnknownService
 from registry.records import DRAINING, SERVING, InstanceRecord
 from registry.topology import Registered, Topology
-from sidecar.outbound import OutboundDirector
 from sidecar.ring import Peer
-from sidecar.routing import RoutingTable, grpc_service_of
+from sidecar.routing import RoutingTable
 
 
 def rec(
@@ -49,89 +50,9 @@ ECHO = "demo.Echo"
 ECHO_SVC = (ECHO, "grpc.health.v1.Health")
 
 
-# -- grpc_service_of ---------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("method", "expected"),
-    [
-        ("/demo.Echo/Say", "demo.Echo"),
-        ("/grpc.health.v1.Health/Check", "grpc.health.v1.Health"),
-        ("/Svc/M", "Svc"),
-        ("demo.Echo/Say", ""),
-        ("/demo.Echo/Say/extra", ""),
-        ("/demo.Echo", ""),
-        ("", ""),
-        ("/", ""),
-    ],
-)
-def test_grpc_service_of(method: str, expected: str) -> None:
-    assert grpc_service_of(method) == expected
-
-
-# -- resolve -----------------------------------------------------------------------
-
-
-def test_metadata_service_wins_over_the_method_path() -> None:
-    routing = table(
-        rec("echo", "e1", grpc_services=ECHO_SVC),
-        rec("other", "o1", grpc_services=("other.Svc",)),
-    )
-    # The path names echo's gRPC service, the metadata names "other": metadata wins.
-    assert routing.resolve(service="other", method="/demo.Echo/Say") == "other"
-    assert routing.resolve(service="echo", method="/nobody.Declares/This") == "echo"
-    assert routing.resolve(service="echo", method="garbage") == "echo"
-
-
-@pytest.mark.parametrize("bad", ["Echo", "-echo", "echo-", "ec_ho", "", "a" * 64, "echo.svc"])
-def test_metadata_service_with_an_invalid_name_raises_invalid_name(bad: str) -> None:
-    routing = table(rec("echo", "e1", grpc_services=ECHO_SVC))
-    with pytest.raises(InvalidName):
-        routing.resolve(service=bad, method="/demo.Echo/Say")
-
-
-def test_unknown_metadata_service_raises_unknown_service_naming_it() -> None:
-    routing = table(rec("echo", "e1", grpc_services=ECHO_SVC))
-    with pytest.raises(UnknownService, match="'billing'"):
-        routing.resolve(service="billing", method="/demo.Echo/Say")
-
-
-def test_method_path_resolves_when_exactly_one_service_declares_it() -> None:
-    routing = table(
-        rec("echo", "e1", grpc_services=ECHO_SVC),
-        rec("echo", "e2", grpc_services=ECHO_SVC),
-        rec("billing", "b1", grpc_services=("pay.Billing",)),
-    )
-    assert routing.resolve(service=None, method="/demo.Echo/Say") == "echo"
-    assert routing.resolve(service=None, method="/pay.Billing/Charge") == "billing"
-
-
-def test_method_path_declared_by_two_services_is_an_error_naming_both() -> None:
-    routing = table(
-        rec("echo", "e1", grpc_services=ECHO_SVC),
-        rec("billing", "b1", grpc_services=("pay.Billing", "grpc.health.v1.Health")),
-    )
-    with pytest.raises(UnknownService) as info:
-        routing.resolve(service=None, method="/grpc.health.v1.Health/Check")
-    message = str(info.value)
-    assert "billing" in message and "echo" in message
-    assert "ringmesh-service" in message  # tells the caller how to disambiguate
-
-
-@pytest.mark.parametrize("method", ["/nobody.Declares/This", "not-a-path", ""])
-def test_method_path_nobody_declares_is_unknown(method: str) -> None:
-    routing = table(rec("echo", "e1", grpc_services=ECHO_SVC))
-    with pytest.raises(UnknownService) as info:
-        routing.resolve(service=None, method=method)
-    assert repr(method) in str(info.value)
-
-
 def test_empty_table_knows_nothing() -> None:
     routing = RoutingTable()
-    with pytest.raises(UnknownService):
-        routing.resolve(service="echo", method="/demo.Echo/Say")
-    with pytest.raises(UnknownService):
-        routing.resolve(service=None, method="/demo.Echo/Say")
+    assert routing.known == frozenset() and dict(routing.declared_by) == {}
     with pytest.raises(UnknownService, match="'echo'"):
         routing.ring("echo")
 
@@ -179,7 +100,7 @@ def test_draining_instances_are_not_in_the_ring() -> None:
 
 def test_all_instances_draining_means_no_live_instance() -> None:
     routing = table(rec("echo", "e1", state=DRAINING), rec("echo", "e2", state=DRAINING))
-    assert routing.resolve(service="echo", method="/x.Y/Z") == "echo"
+    assert "echo" in routing.known
     with pytest.raises(NoLiveInstance, match="no live instance of service 'echo'"):
         routing.ring("echo")
 
@@ -253,19 +174,6 @@ def test_a_new_load_factor_rebuilds_the_ring() -> None:
     assert second.rings["echo"].load_factor == 2.0
 
 
-def test_unary_methods_follow_the_registered_records() -> None:
-    first = table(
-        rec("echo", "e1", unary_methods=("/demo.Echo/Say",)),
-        rec("billing", "b1", unary_methods=("/pay.Billing/Charge",)),
-    )
-    assert first.unary_methods == frozenset({"/demo.Echo/Say", "/pay.Billing/Charge"})
-    # e1 is replaced by a version whose Say is no longer unary; billing is gone.
-    second = table(rec("echo", "e2", unary_methods=("/demo.Echo/Shout",)), previous=first)
-    assert second.unary_methods == frozenset({"/demo.Echo/Shout", "/pay.Billing/Charge"})
-    # Without a previous table nothing is remembered.
-    assert table(rec("echo", "e2")).unary_methods == frozenset()
-
-
 def test_a_grpc_service_moved_to_another_service_follows_it() -> None:
     first = table(rec("echo", "e1", grpc_services=ECHO_SVC))
     both = table(
@@ -273,51 +181,27 @@ def test_a_grpc_service_moved_to_another_service_follows_it() -> None:
         rec("talk", "t1", grpc_services=ECHO_SVC),
         previous=first,
     )
-    with pytest.raises(UnknownService, match="several services"):
-        both.resolve(service=None, method="/demo.Echo/Say")
+    assert both.declared_by[ECHO] == {"echo", "talk"}
     moved = table(rec("echo", "e2"), rec("talk", "t1", grpc_services=ECHO_SVC), previous=both)
-    assert moved.resolve(service=None, method="/demo.Echo/Say") == "talk"
+    assert moved.declared_by[ECHO] == {"talk"}
 
 
 def test_declarations_are_remembered_so_a_dead_service_still_resolves() -> None:
     first = table(rec("echo", "e1", grpc_services=ECHO_SVC), rec("billing", "b1"))
     second = table(rec("billing", "b1"), previous=first)
     # The path still resolves to echo, and routing it then says why it cannot be served.
-    assert second.resolve(service=None, method="/demo.Echo/Say") == "echo"
+    assert second.declared_by[ECHO] == {"echo"}
     with pytest.raises(NoLiveInstance):
         second.ring("echo")
 
 
 def test_draining_instances_still_declare_their_services() -> None:
     routing = table(rec("echo", "e1", state=DRAINING, grpc_services=ECHO_SVC))
-    assert routing.resolve(service=None, method="/demo.Echo/Say") == "echo"
+    assert routing.declared_by[ECHO] == {"echo"}
 
 
 def test_build_does_not_mutate_the_previous_table() -> None:
-    first = table(rec("echo", "e1", grpc_services=ECHO_SVC, unary_methods=("/demo.Echo/Say",)))
-    snapshot = (dict(first.rings), first.known, dict(first.declared_by), first.unary_methods)
-    table(
-        rec("billing", "b1", grpc_services=(ECHO,), unary_methods=("/pay.Billing/Charge",)),
-        previous=first,
-    )
-    assert (dict(first.rings), first.known, dict(first.declared_by), first.unary_methods) == (
-        snapshot
-    )
-
-
-def test_a_retry_follows_the_topology_in_force_not_the_one_the_call_began_with() -> None:
-    director = OutboundDirector()
-    records = [rec("echo", f"e{i}") for i in range(3)]
-    director.set_table(table(*records))
-    plan = director.plan(
-        "/demo.Echo/Say", (("ringmesh-service", "echo"), ("ringmesh-hash-key", "k"))
-    )
-    first = plan.next()
-    assert first is not None
-    order = director.table.route("echo", "k")
-    gone = next(p.id for p in order if p.id != first.peer_id)
-    # While the first attempt is in flight, another instance leaves the mesh.
-    director.set_table(table(*(r for r in records if r.id != gone), previous=director.table))
-    retries = [plan.next(), plan.next()]
-    assert retries[-1] is None
-    assert retries[0] is not None and retries[0].peer_id not in (gone, first.peer_id)
+    first = table(rec("echo", "e1", grpc_services=ECHO_SVC))
+    snapshot = (dict(first.rings), first.known, dict(first.declared_by))
+    table(rec("billing", "b1", grpc_services=(ECHO,)), previous=first)
+    assert (dict(first.rings), first.known, dict(first.declared_by)) == snapshot
