@@ -1,61 +1,90 @@
-"""What the data plane costs: keyed unary calls direct vs through two sidecars, and ring lookups.
+"""What a hop costs: the native data plane beside direct calls, the old grpc.aio plane and nginx.
 
-Starts an embedded etcd, 3 demo apps + sidecars for service ``echo`` and a ``client``
-app + sidecar, then drives keyed ``Demo/Echo`` calls from this process with grpc.aio:
+One run starts one demo app (``ringmesh.demo``) and, in front of it, every path:
 
-* direct: straight to one echo app;
-* mesh: client sidecar (outbound) -> echo sidecar (inbound) -> echo app (two hops).
+* ``direct``: client -> app;
+* ``mesh``: client -> client sidecar (outbound) -> echo sidecar (inbound) -> app, both
+  sidecars ``ringmesh sidecar`` on the native data plane (this tree);
+* ``grpcaio``: the same two hops through the grpc.aio plane of commit 1a56072 (the last
+  one before the native plane), run from a git worktree of it;
+* ``nginx``: client -> nginx ``grpc_pass`` (upstream keepalive) -> app, one hop;
+* ``nginx2``: client -> nginx -> nginx -> app, two hops like the meshes.
 
-Each case runs at each concurrency for a fixed time after a warm-up; direct and mesh
-run back to back (order alternating per round) so their ratio is measured under the
-same machine noise. CPU per call comes from ``/proc/<pid>/stat`` (utime + stime) of
-every process involved. Ring lookups (``BoundedRing.owner``/``choose``) are timed
-in-process. Prints tables and writes ``bench/results/bench_proxy.json``.
+Both planes register in one embedded etcd, under prefixes of their own. The client is
+bench/loadgen (Rust, h2 on one thread, one HTTP/2 connection): closed-loop callers at
+each concurrency. Every case (a workload on a path) runs once per round, the paths
+round-robin within each workload, rotated by one each round, so machine noise hits every
+path alike; figures are medians across rounds. CPU per call of every process comes from
+``/proc/<pid>/stat`` (utime + stime) over each measured window, RSS from
+``/proc/<pid>/status``. Prints tables and writes ``bench/results/proxy.json``
+(``--save``: also ``bench/proxy-results.json`` and ``bench/proxy-results.png``).
 
-Run: ``python -m bench.bench_proxy [--duration 5] [--warmup 1] [--rounds 1]``;
-``--duration 1 --warmup 0.5`` is a quick smoke run.
+Run: ``python -m bench.bench_proxy [--rounds 5] [--duration 3] [--warmup 1]``;
+``--duration 0.5 --warmup 0.2 --rounds 1`` is a quick smoke run.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import math
 import os
 import platform
-import random
 import shutil
 import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import timeit
-from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import grpc
 
+from bench import client as loadgen
+from bench.nginx import Nginx, install_nginx, nginx_binary, nginx_version
+from dataplane import build_profile
 from proto import demo_pb2, demo_pb2_grpc
 from registry.embedded import EmbeddedEtcd
-from ringmesh.localmesh import Instance, LocalMesh
-from sidecar.ring import DEFAULT_LOAD_FACTOR, DEFAULT_VNODES, BoundedRing, Peer
+from registry.errors import MeshError
+from ringmesh.procs import Child, demo_app, sidecar
+from sidecar.ring import DEFAULT_VNODES, BoundedRing, Peer
 
 SERVICE = "echo"
-PREFIX = "/ringmesh-bench/v1"
-ECHO_INSTANCES = 3
+NATIVE_PREFIX = "/ringmesh-bench/native/v1"
+GRPCAIO_PREFIX = "/ringmesh-bench/grpcaio/v1"
+OLD_COMMIT = "1a56072"  # the last commit before the native data plane
 N_KEYS = 4096
 CALL_TIMEOUT = 10.0
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_proxy.json"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results" / "proxy.json"
+SAVED_JSON = HERE / "proxy-results.json"
+SAVED_PNG = HERE / "proxy-results.png"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-Metadata = tuple[tuple[str, str], ...]
+ALL_PATHS = ("direct", "mesh", "grpcaio", "nginx", "nginx2")
+PATH_HELP = {
+    "direct": "client -> app",
+    "mesh": "client -> client sidecar -> echo sidecar -> app (native plane)",
+    "grpcaio": f"the same two hops, grpc.aio plane of commit {OLD_COMMIT}",
+    "nginx": "client -> nginx grpc_pass (upstream keepalive 64) -> app",
+    "nginx2": "client -> nginx -> nginx -> app",
+}
+
+# Targets for the native mesh: (key, what, unit, goal, stretch, higher is better).
+TARGET_CPU_US = (60.0, 30.0)
+TARGET_ADDED_P50_MS = 0.1
+TARGET_VS_DIRECT = (0.7, 0.8)
+TARGET_RSS_MB = 60.0
+
+Pids = Callable[[], list[int]]
 
 
 # -- /proc accounting ---------------------------------------------------------------
@@ -70,6 +99,15 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # fields 14 (utime) and 15 (stime)
 
 
+def rss_mb(pid: int) -> float:
+    """VmRSS in MB (10^6 bytes)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024 / 1e6
+    return math.nan
+
+
 def host_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -79,383 +117,722 @@ def host_ticks() -> tuple[int, int]:
     return total - idle, total
 
 
-@dataclass
-class CpuSnapshot:
-    roles: dict[str, int]
-    host_busy: int
-    host_total: int
-
-    @classmethod
-    def take(cls, pids: Mapping[str, Sequence[int]]) -> CpuSnapshot:
-        roles = {role: sum(cpu_ticks(pid) for pid in group) for role, group in pids.items()}
-        busy, total = host_ticks()
-        return cls(roles, busy, total)
+def snapshot(procs: Mapping[str, Pids]) -> dict[str, int]:
+    ticks = {}
+    for name, pids in procs.items():
+        try:
+            ticks[name] = sum(cpu_ticks(pid) for pid in pids())
+        except OSError:
+            raise RuntimeError(f"{name} is gone (its /proc entry vanished)") from None
+    return ticks
 
 
-# -- the mesh ------------------------------------------------------------------------
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "clk_tck": CLK_TCK,
+    }
+
+
+def git_state() -> dict[str, Any]:
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30, check=False
+        )
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    return {
+        "commit": git("rev-parse", "HEAD") or "unknown",
+        # The working tree differs from the commit (tracked files only).
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+    }
+
+
+# -- what runs ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # "unary", "unary64k", "stream"
+    label: str
+    rpc: str  # "echo" or "count"
+    payload: int
+    messages: int  # response messages per call
+    concurrency: int
+    paths: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    target: str  # what the client calls
+    hops: tuple[str, ...]  # the proxies' process names, caller side first
+
+
+def workloads(args: argparse.Namespace) -> list[Workload]:
+    paths = tuple(args.paths)
+    high = max(args.concurrency)
+    no_nginx2 = tuple(p for p in paths if p != "nginx2")  # one row each is enough
+    out = [
+        Workload("unary", f"unary {args.payload} B", "echo", args.payload, 1, c, paths)
+        for c in args.concurrency
+    ]
+    if args.big_payload > 0:
+        size = args.big_payload
+        label = f"unary {size // 1024} KiB" if size % 1024 == 0 else f"unary {size} B"
+        out.append(Workload("unary64k", label, "echo", size, 1, high, no_nginx2))
+    if args.stream_messages > 0:
+        n = args.stream_messages
+        out.append(Workload("stream", f"stream {n} msgs", "count", 0, n, high, no_nginx2))
+    return out
+
+
+class Stack:
+    """Everything started, stopped in reverse order, and what to read about it."""
+
+    def __init__(self, exits: contextlib.ExitStack, logs: Path) -> None:
+        self.exits = exits
+        self.logs = logs
+        self.procs: dict[str, Pids] = {"bench": lambda: [os.getpid()]}
+        self.children: dict[str, Child] = {}
+        self.nginxes: dict[str, Nginx] = {}
+        self.routes: dict[str, Route] = {}
+        self.notices: list[str] = []
+        self.nginx_version = ""
+
+    def log(self, name: str) -> IO[bytes]:
+        f = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed by the exit stack
+        self.exits.callback(f.close)
+        return f
+
+    def child(self, name: str, start: Callable[[], Child]) -> Child:
+        child = start()
+        self.exits.callback(child.stop, 10)
+        self.children[name] = child
+        self.procs[name] = lambda: [child.pid]
+        return child
+
+    def forget(self, prefix: str) -> None:
+        """No more watching or measuring the processes named ``prefix...`` (still stopped)."""
+        for name in [n for n in self.procs if n.startswith(prefix)]:
+            self.procs.pop(name)
+            self.children.pop(name, None)
+            self.nginxes.pop(name, None)
+
+    def alive(self) -> None:
+        for name, child in self.children.items():
+            if not child.alive():
+                raise RuntimeError(f"{name} died during the run (logs: {self.logs})")
+        for name, nginx in self.nginxes.items():
+            if not nginx.alive():
+                raise RuntimeError(f"{name} died during the run: {nginx.log()}")
+
+
+def start_plane(
+    stack: Stack,
+    plane: str,
+    app: str,
+    etcd_url: str,
+    prefix: str,
+    *,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> str:
+    """An echo sidecar and a client sidecar in front of ``app``; the client's outbound."""
+    started = []
+    for role, service in (("echo", SERVICE), ("client", "client")):
+        name = f"{plane}_{role}_sidecar"
+
+        def start(service: str = service, name: str = name) -> Child:
+            # `python -m ringmesh` imports from the current directory first.
+            with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
+                return sidecar(
+                    service, app, etcd_url, "--prefix", prefix,
+                    "--instance-id", f"{service}-1",
+                    name=name, stderr=stack.log(name), env=env,
+                )  # fmt: skip
+
+        started.append(stack.child(name, start))
+    for side in started:
+        side.wait_event("registered", timeout=30)
+    return str(started[1].wait_event("registered")["outbound"])
 
 
 @contextlib.contextmanager
-def running_mesh(logs: Path) -> Iterator[tuple[EmbeddedEtcd, list[Instance], Instance]]:
-    with EmbeddedEtcd() as etcd, LocalMesh(etcd.url, prefix=PREFIX, logs=logs) as mesh:
-        echoes = [mesh.add(SERVICE, f"echo-{i + 1}") for i in range(ECHO_INSTANCES)]
-        client = mesh.add("client", "client-1")
-        yield etcd, echoes, client
-
-
-# -- load ------------------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    target: str  # "direct" or "mesh"
-    concurrency: int
-    calls: int = 0
-    elapsed: float = 0.0
-    latencies: list[float] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
-    instances: Counter[str] = field(default_factory=Counter)
-    cpu: Counter[str] = field(default_factory=Counter)  # role -> ticks
-    host_busy: int = 0
-    host_total: int = 0
-
-
-def keyed_metadata(n: int, seed: int = 7) -> list[Metadata]:
-    keys = [f"user-{i}" for i in range(n)]
-    random.Random(seed).shuffle(keys)
-    return [(("ringmesh-service", SERVICE), ("ringmesh-hash-key", key)) for key in keys]
-
-
-async def drive(
-    stub: Any,
-    request: demo_pb2.EchoRequest,
-    metadata: Sequence[Metadata],
-    concurrency: int,
-    seconds: float,
-    case: Case | None,
-) -> None:
-    """``concurrency`` closed-loop callers for ``seconds``; results go into ``case`` if given."""
-    deadline = time.perf_counter() + seconds
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    instances: Counter[str] = Counter()
-    clock = time.perf_counter
-
-    async def caller(offset: int) -> None:
-        i = offset
-        n = len(metadata)
-        while clock() < deadline:
-            md = metadata[i % n]
-            i += 1
-            start = clock()
-            try:
-                reply = await stub.Echo(request, metadata=md, timeout=CALL_TIMEOUT)
-            except grpc.aio.AioRpcError as exc:
-                errors[f"{exc.code().name}: {exc.details()}"] += 1
-                continue
-            latencies.append(clock() - start)
-            instances[reply.instance] += 1
-
-    start = clock()
-    await asyncio.gather(*(caller(k * len(metadata) // concurrency) for k in range(concurrency)))
-    elapsed = clock() - start
-    if case is not None:
-        case.calls += len(latencies)
-        case.elapsed += elapsed
-        case.latencies.extend(latencies)
-        case.errors.update(errors)
-        case.instances.update(instances)
-
-
-async def wait_mesh_ready(stub: Any, metadata: Sequence[Metadata], within: float = 20.0) -> None:
-    """Until keyed calls through the client sidecar reach every echo instance."""
-    request = demo_pb2.EchoRequest(text="ready")
-    deadline = time.monotonic() + within
-    seen: set[str] = set()
-    last_error = ""
-    i = 0
-    while time.monotonic() < deadline:
-        try:
-            reply = await stub.Echo(request, metadata=metadata[i % len(metadata)], timeout=2)
-            seen.add(reply.instance)
-        except grpc.aio.AioRpcError as exc:
-            last_error = f"{exc.code().name}: {exc.details()}"
-            await asyncio.sleep(0.1)
-        i += 1
-        if len(seen) == ECHO_INSTANCES:
-            return
-    raise RuntimeError(f"mesh not ready: saw {sorted(seen)}; last error: {last_error or 'none'}")
-
-
-async def run_load(
-    args: argparse.Namespace, echoes: list[Instance], client: Instance, pids: dict[str, list[int]]
-) -> list[Case]:
-    request = demo_pb2.EchoRequest(text="x" * args.payload, delay_ms=0)
-    metadata = keyed_metadata(N_KEYS)
-    targets = {"direct": f"127.0.0.1:{echoes[0].app_port}", "mesh": client.outbound}
-    channels = {name: grpc.aio.insecure_channel(address) for name, address in targets.items()}
+def worktree(commit: str) -> Iterator[Path]:
+    """A detached git worktree of ``commit`` in a temp dir, removed afterwards."""
+    parent = Path(tempfile.mkdtemp(prefix="ringmesh-grpcaio-"))
+    path = parent / "tree"
     try:
-        stubs = {name: demo_pb2_grpc.DemoStub(ch) for name, ch in channels.items()}
-        await wait_mesh_ready(stubs["mesh"], metadata)
-        cases = {
-            (target, c): Case(target, c) for c in args.concurrency for target in ("direct", "mesh")
-        }
-        for round_no in range(args.rounds):
-            order = ("direct", "mesh") if round_no % 2 == 0 else ("mesh", "direct")
-            for c in args.concurrency:
-                for target in order:
-                    case = cases[(target, c)]
-                    stub = stubs[target]
-                    print(
-                        f"  round {round_no + 1}/{args.rounds}: {target:6} c={c:<3} ...",
-                        end="",
-                        flush=True,
-                    )
-                    if args.warmup > 0:
-                        await drive(stub, request, metadata, c, args.warmup, None)
-                    before = CpuSnapshot.take(pids)
-                    await drive(stub, request, metadata, c, args.duration, case)
-                    after = CpuSnapshot.take(pids)
-                    for role, ticks in after.roles.items():
-                        case.cpu[role] += ticks - before.roles[role]
-                    case.host_busy += after.host_busy - before.host_busy
-                    case.host_total += after.host_total - before.host_total
-                    print(f" {case.calls / case.elapsed:8.0f} calls/s", flush=True)
-        return list(cases.values())
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), commit],
+            capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        yield path
     finally:
-        for ch in channels.values():
-            await ch.close()
+        if path.exists():
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)],
+                capture_output=True, timeout=120, check=False,
+            )  # fmt: skip
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "prune"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        shutil.rmtree(parent, ignore_errors=True)
 
 
-# -- ring lookups ----------------------------------------------------------------------
+def start_grpcaio(stack: Stack, app: str, etcd_url: str, commit: str) -> str | None:
+    try:
+        tree = stack.exits.enter_context(worktree(commit))
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        why = getattr(exc, "stderr", None) or exc
+        stack.notices.append(
+            f"grpcaio: skipped, no git worktree of {commit}: {str(why).strip().splitlines()[-1]}"
+        )
+        return None
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    try:
+        return start_plane(stack, "grpcaio", app, etcd_url, GRPCAIO_PREFIX, cwd=tree, env=env)
+    except MeshError as exc:  # what is started is stopped with the rest
+        stack.notices.append(f"grpcaio: skipped, its sidecars did not start: {exc}")
+        stack.forget("grpcaio_")
+        return None
 
 
-def per_call_us(fn: Callable[[str], object], keys: Sequence[str], repeat: int = 5) -> float:
-    def loop() -> None:
-        for key in keys:
-            fn(key)
+def start_nginx(stack: Stack, app: str, paths: Sequence[str], install: bool) -> None:
+    binary = nginx_binary()
+    if binary is None and install:
+        print("nginx: not installed; installing it from Debian's packages ...", flush=True)
+        binary, why = install_nginx()
+        if binary is None:
+            stack.notices.append(f"nginx: skipped, install failed: {why}")
+            return
+    if binary is None:
+        stack.notices.append("nginx: skipped, not installed (and --no-install)")
+        return
+    stack.nginx_version = ".".join(map(str, nginx_version(binary)))
+    try:
+        back = stack.exits.enter_context(Nginx(binary, app, "nginx-back"))
+        stack.nginxes["nginx_back"] = back
+        stack.procs["nginx_back"] = back.pids
+        stack.routes["nginx"] = Route("nginx", back.address, ("nginx_back",))
+        if "nginx2" in paths:
+            front = stack.exits.enter_context(Nginx(binary, back.address, "nginx-front"))
+            stack.nginxes["nginx_front"] = front
+            stack.procs["nginx_front"] = front.pids
+            stack.routes["nginx2"] = Route("nginx2", front.address, ("nginx_front", "nginx_back"))
+    except RuntimeError as exc:
+        stack.notices.append(f"nginx: skipped, {exc}")
 
-    best = min(timeit.repeat(loop, number=1, repeat=repeat))
-    return best / len(keys) * 1e6
+
+def start_everything(stack: Stack, args: argparse.Namespace) -> None:
+    paths = args.paths
+    etcd = stack.exits.enter_context(EmbeddedEtcd())
+    stack.procs["etcd"] = lambda: [etcd.pid] if etcd.pid is not None else []
+    app_child = stack.child("app", lambda: demo_app("app-1", stderr=stack.log("app")))
+    app = f"127.0.0.1:{int(app_child.wait_event('listening')['port'])}"
+    stack.routes["direct"] = Route("direct", app, ())
+    if "mesh" in paths:
+        print("starting the native plane's two sidecars ...", flush=True)
+        outbound = start_plane(stack, "mesh", app, etcd.url, NATIVE_PREFIX)
+        stack.routes["mesh"] = Route("mesh", outbound, ("mesh_client_sidecar", "mesh_echo_sidecar"))
+    if "grpcaio" in paths:
+        print(f"starting the grpc.aio plane's two sidecars (worktree of {args.old_commit}) ...")
+        outbound_old = start_grpcaio(stack, app, etcd.url, args.old_commit)
+        if outbound_old is not None:
+            stack.routes["grpcaio"] = Route(
+                "grpcaio", outbound_old, ("grpcaio_client_sidecar", "grpcaio_echo_sidecar")
+            )
+    if "nginx" in paths or "nginx2" in paths:
+        print("starting nginx ...", flush=True)
+        start_nginx(stack, app, paths, args.install)
+    for route in list(stack.routes.values()):
+        try:
+            wait_route(route)
+        except RuntimeError as exc:
+            if route.path in ("direct", "mesh"):
+                raise
+            stack.notices.append(f"{route.path}: skipped, {exc}")
+            del stack.routes[route.path]
+
+
+def wait_route(route: Route, within: float = 20.0) -> None:
+    """Until a keyed Echo through ``route`` succeeds (a sidecar's watch may lag)."""
+    request = demo_pb2.EchoRequest(text="ready")
+    metadata = (("ringmesh-service", SERVICE), ("ringmesh-hash-key", "ready"))
+    deadline = time.monotonic() + within
+    last = "none"
+    with grpc.insecure_channel(route.target) as channel:
+        stub = demo_pb2_grpc.DemoStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                stub.Echo(request, metadata=metadata, timeout=2)
+                return
+            except grpc.RpcError as exc:
+                last = f"{exc.code().name}: {exc.details()}"
+                time.sleep(0.1)
+    raise RuntimeError(f"{route.path} ({route.target}) not ready within {within} s: {last}")
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+
+def nan_if_none(value: Any) -> float:
+    return float(value) if value is not None else math.nan
+
+
+def measure(
+    stack: Stack,
+    binary: Path,
+    route: Route,
+    work: Workload,
+    args: argparse.Namespace,
+    no: int,
+    log: IO[bytes],
+) -> dict[str, Any]:
+    load = loadgen.Load(
+        target=route.target, rpc=work.rpc, payload=work.payload, messages=work.messages,
+        concurrency=work.concurrency, warmup=args.warmup, duration=args.duration,
+        keys=N_KEYS, service=SERVICE, timeout=CALL_TIMEOUT,
+    )  # fmt: skip
+    marks: dict[str, Any] = {}
+
+    def at(which: str) -> Callable[[int], None]:
+        def take(client_pid: int) -> None:
+            ticks = snapshot(stack.procs)
+            ticks["client"] = cpu_ticks(client_pid)
+            marks[which] = (ticks, host_ticks())
+            if which == "after":
+                marks["rss"] = {
+                    name: sum(rss_mb(pid) for pid in pids()) for name, pids in stack.procs.items()
+                }
+
+        return take
+
+    out = loadgen.run(binary, load, at_start=at("before"), at_end=at("after"), stderr=log)
+    (before, host0), (after, host1) = marks["before"], marks["after"]
+    ticks = {name: after[name] - before[name] for name in after}
+    calls = int(out["calls"])
+    seconds = float(out["seconds"])
+    per_call = {name: t / CLK_TCK / max(calls, 1) * 1e6 for name, t in ticks.items()}
+    hop_us = [per_call[h] for h in route.hops]
+    return {
+        "round": no,
+        "workload": work.name,
+        "path": route.path,
+        "concurrency": work.concurrency,
+        "hops": len(route.hops),
+        "calls": calls,
+        "seconds": seconds,
+        "calls_per_s": calls / seconds,
+        "messages": int(out["messages"]),
+        "p50_ms": nan_if_none(out["p50_us"]) / 1e3,
+        "p90_ms": nan_if_none(out["p90_us"]) / 1e3,
+        "p99_ms": nan_if_none(out["p99_us"]) / 1e3,
+        "max_ms": nan_if_none(out["max_us"]) / 1e3,
+        "mean_ms": nan_if_none(out["mean_us"]) / 1e3,
+        "errors": dict(out["errors"]),
+        "errors_outside_window": int(out["errors_outside_window"]),
+        "cpu_ticks": ticks,
+        "cpu_us_per_call": per_call,
+        "client_us": per_call["client"],
+        "app_us": per_call["app"],
+        "hop_us": hop_us,
+        "per_hop_us": sum(hop_us) / len(hop_us) if hop_us else math.nan,
+        "hop_rss_mb": [marks["rss"][h] for h in route.hops],
+        "rss_mb": marks["rss"],
+        "host_busy_pct": (host1[0] - host0[0]) / max(host1[1] - host0[1], 1) * 100,
+    }
+
+
+def run_rounds(
+    stack: Stack, binary: Path, works: Sequence[Workload], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    log = stack.log("loadgen")
+    total = args.rounds * sum(len([p for p in w.paths if p in stack.routes]) for w in works)
+    for r in range(args.rounds):
+        for work in works:
+            paths = [p for p in work.paths if p in stack.routes]
+            k = r % len(paths)
+            for path in paths[k:] + paths[:k]:  # round-robin, rotated by one each round
+                print(
+                    f"  [{len(runs) + 1:>3}/{total}] round {r + 1}: {work.label:<16} "
+                    f"c={work.concurrency:<3} {path:<8}",
+                    end="",
+                    flush=True,
+                )
+                run = measure(stack, binary, stack.routes[path], work, args, r + 1, log)
+                stack.alive()
+                errors = sum(run["errors"].values())
+                print(
+                    f" {run['calls_per_s']:8.0f} calls/s  p50 {run['p50_ms']:7.3f} ms"
+                    + (f"  {errors} errors" if errors else ""),
+                    flush=True,
+                )
+                runs.append(run)
+    return runs
+
+
+# -- summary -----------------------------------------------------------------------------
+
+
+def median(values: Sequence[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return statistics.median(finite) if finite else math.nan
+
+
+def summarize(runs: Sequence[dict[str, Any]], works: Sequence[Workload]) -> list[dict[str, Any]]:
+    rows = []
+    for work in works:
+        mine = [
+            r for r in runs if r["workload"] == work.name and r["concurrency"] == work.concurrency
+        ]
+        direct = {r["round"]: r for r in mine if r["path"] == "direct"}
+        for path in ALL_PATHS:
+            those = [r for r in mine if r["path"] == path]
+            if not those:
+                continue
+            hops = those[0]["hops"]
+            paired = [(r, direct[r["round"]]) for r in those if r["round"] in direct]
+            rates = [r["calls_per_s"] for r in those]
+            n_hops = max(len(r["hop_us"]) for r in those)
+            rows.append(
+                {
+                    "workload": work.name,
+                    "label": work.label,
+                    "path": path,
+                    "concurrency": work.concurrency,
+                    "hops": hops,
+                    "rounds": len(those),
+                    "calls_per_s": median(rates),
+                    "calls_per_s_min": min(rates),
+                    "calls_per_s_max": max(rates),
+                    "p50_ms": median([r["p50_ms"] for r in those]),
+                    "p90_ms": median([r["p90_ms"] for r in those]),
+                    "p99_ms": median([r["p99_ms"] for r in those]),
+                    "messages_per_s": median([r["messages"] / r["seconds"] for r in those]),
+                    "client_us": median([r["client_us"] for r in those]),
+                    "app_us": median([r["app_us"] for r in those]),
+                    "hop_us": [median([r["hop_us"][i] for r in those]) for i in range(n_hops)],
+                    "per_hop_us": median([r["per_hop_us"] for r in those]),
+                    "hop_rss_mb_max": [
+                        max(r["hop_rss_mb"][i] for r in those) for i in range(n_hops)
+                    ],
+                    "host_busy_pct": median([r["host_busy_pct"] for r in those]),
+                    # Paired with direct in the same round, then the median.
+                    "calls_vs_direct": median(
+                        [r["calls_per_s"] / d["calls_per_s"] for r, d in paired if d["calls_per_s"]]
+                    ),
+                    "added_p50_per_hop_ms": median(
+                        [(r["p50_ms"] - d["p50_ms"]) / hops for r, d in paired]
+                    )
+                    if hops
+                    else math.nan,
+                    "errors": sum(sum(r["errors"].values()) for r in those),
+                }
+            )
+    return rows
+
+
+def background(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """CPU ms per second of every process while only ``direct`` ran: the proxies' idle
+    cost (probes, load reports, lease keep-alives), which is in their per-call figures."""
+    direct = [r for r in runs if r["path"] == "direct"]
+    names = sorted({n for r in direct for n in r["cpu_ticks"]} - {"client", "app"})
+    return {
+        name: median([r["cpu_ticks"][name] / CLK_TCK / r["seconds"] * 1e3 for r in direct])
+        for name in names
+    }
+
+
+def targets(summary: Sequence[dict[str, Any]], levels: Sequence[int]) -> list[dict[str, Any]]:
+    """The native mesh against its targets (unary rows, lowest and highest concurrency)."""
+    by = {(r["path"], r["concurrency"]): r for r in summary if r["workload"] == "unary"}
+    low, high = min(levels), max(levels)
+    mesh_low, mesh_high = by.get(("mesh", low)), by.get(("mesh", high))
+    out: list[dict[str, Any]] = []
+
+    def add(
+        what: str, value: float, unit: str, goal: float, stretch: float | None, higher: bool
+    ) -> None:
+        def meets(bound: float) -> bool:
+            return not math.isnan(value) and (value >= bound if higher else value <= bound)
+
+        out.append(
+            {
+                "what": what, "value": value, "unit": unit, "goal": goal, "stretch": stretch,
+                "higher_is_better": higher, "met": meets(goal),
+                "stretch_met": meets(stretch) if stretch is not None else None,
+            }
+        )  # fmt: skip
+
+    if mesh_high is not None:
+        add(
+            f"sidecar CPU per call per hop, {high} concurrent",
+            mesh_high["per_hop_us"], "µs", *TARGET_CPU_US, higher=False,
+        )  # fmt: skip
+    if mesh_low is not None:
+        add(
+            f"added p50 per hop, {low} concurrent",
+            mesh_low["added_p50_per_hop_ms"], "ms", TARGET_ADDED_P50_MS, None, higher=False,
+        )  # fmt: skip
+    if mesh_high is not None:
+        add(
+            f"calls/s vs direct, {high} concurrent",
+            mesh_high["calls_vs_direct"], "x", *TARGET_VS_DIRECT, higher=True,
+        )  # fmt: skip
+    rss = [v for r in summary if r["path"] == "mesh" for v in r["hop_rss_mb_max"]]
+    if rss:
+        add(
+            "sidecar RSS (the larger, any round)", max(rss), "MB", TARGET_RSS_MB, None, higher=False
+        )
+    return out
+
+
+# -- ring lookups ------------------------------------------------------------------------
 
 
 def bench_ring(peer_counts: Sequence[int], n_keys: int = 20_000) -> list[dict[str, Any]]:
+    """Building a ring and exporting it (each topology change), and ``order`` per key
+    (the native lookup ``ringmesh route`` calls), in-process."""
     keys = [f"key-{i}" for i in range(n_keys)]
     rows = []
     for n in peer_counts:
         peers = [Peer(f"{SERVICE}-{i + 1}", f"127.0.0.1:{20000 + i}") for i in range(n)]
+
+        def build(peers: list[Peer] = peers) -> None:
+            BoundedRing(peers).order("warm")  # builds, exports, indexes
+
         ring = BoundedRing(peers)
-        balanced = {p.id: 32 // n + (1 if i < 32 % n else 0) for i, p in enumerate(peers)}
-        hot = {peers[0].id: 32}  # one peer above its bound: its keys walk the ring
-        empty: dict[str, int] = {}
+        ring.order("warm")
+
+        def lookups(ring: BoundedRing = ring) -> None:
+            for key in keys:
+                ring.order(key)
+
         rows.append(
             {
                 "peers": n,
                 "vnodes": DEFAULT_VNODES,
-                "load_factor": DEFAULT_LOAD_FACTOR,
-                "keys": n_keys,
-                "owner_us": per_call_us(ring.owner, keys),
-                "choose_idle_us": per_call_us(partial(ring.choose, inflight=empty), keys),
-                "choose_32_balanced_us": per_call_us(partial(ring.choose, inflight=balanced), keys),
-                "choose_32_on_one_peer_us": per_call_us(partial(ring.choose, inflight=hot), keys),
+                "build_ms": min(timeit.repeat(build, number=1, repeat=5)) * 1e3,
+                "order_us": min(timeit.repeat(lookups, number=1, repeat=3)) / n_keys * 1e6,
             }
         )
     return rows
 
 
-# -- report -------------------------------------------------------------------------------
+# -- report ------------------------------------------------------------------------------
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted sequence (nan if empty)."""
-    if not sorted_values:
-        return float("nan")
-    rank = max(1, min(len(sorted_values), math.ceil(q / 100 * len(sorted_values))))
-    return sorted_values[rank - 1]
-
-
-def summarize(case: Case) -> dict[str, Any]:
-    lat = sorted(case.latencies)
-    calls = max(case.calls, 1)
-    seconds = max(case.elapsed, 1e-9)
-    cpu_us = {role: ticks / CLK_TCK / calls * 1e6 for role, ticks in case.cpu.items()}
-    ours = sum(case.cpu.values()) / CLK_TCK
-    return {
-        "target": case.target,
-        "concurrency": case.concurrency,
-        "calls": case.calls,
-        "seconds": round(case.elapsed, 3),
-        "calls_per_s": case.calls / seconds,
-        "p50_ms": percentile(lat, 50) * 1e3,
-        "p90_ms": percentile(lat, 90) * 1e3,
-        "p99_ms": percentile(lat, 99) * 1e3,
-        "max_ms": (lat[-1] * 1e3) if lat else float("nan"),
-        "errors": dict(case.errors),
-        "served_by": dict(sorted(case.instances.items())),
-        "cpu_ticks": dict(case.cpu),
-        "cpu_us_per_call": cpu_us,
-        # Share of the whole machine (all cores) busy: our processes, and everything.
-        "ours_busy_pct": ours / seconds / (os.cpu_count() or 1) * 100,
-        "host_busy_pct": case.host_busy / max(case.host_total, 1) * 100,
-    }
-
-
-def ratios(direct: dict[str, Any], mesh: dict[str, Any]) -> dict[str, float]:
-    def div(a: float, b: float) -> float:
-        return a / b if b else float("nan")
-
-    return {
-        "calls_per_s": div(mesh["calls_per_s"], direct["calls_per_s"]),
-        "p50_ms": div(mesh["p50_ms"], direct["p50_ms"]),
-        "p99_ms": div(mesh["p99_ms"], direct["p99_ms"]),
-        "added_p50_ms": mesh["p50_ms"] - direct["p50_ms"],
-    }
-
-
-ROLE_LABELS = (
-    ("client_sidecar", "client sc"),
-    ("echo_sidecars", "echo scs"),
-    ("echo_apps", "echo apps"),
-    ("bench", "bench"),
-    ("etcd", "etcd"),
-)
+def fmt(value: float | None, spec: str, width: int) -> str:
+    """A number, or a dash for none (no calls, no such hop)."""
+    if value is None or math.isnan(value):
+        return f"{'-':>{width}}"
+    return f"{value:>{width}{spec}}"
 
 
 def render(result: dict[str, Any]) -> str:
-    cfg = result["config"]
+    cfg, mach, git = result["config"], result["machine"], result["git"]
     out: list[str] = []
     add = out.append
     add("")
     add(
-        f"ringmesh proxy benchmark: unary Demo/Echo, {cfg['payload']}-byte text, delay_ms=0, "
-        f"keyed ({N_KEYS} keys); {cfg['duration']:g} s per case after {cfg['warmup']:g} s "
-        f"warm-up, {cfg['rounds']} round(s); {cfg['cpus']} CPUs"
+        f"ringmesh proxy benchmark: {cfg['rounds']} round(s) x {cfg['duration']:g} s per case "
+        f"(+{cfg['warmup']:g} s warm-up), paths round-robin; medians across rounds"
     )
-    add("direct = bench -> echo app;  mesh = bench -> client sidecar -> echo sidecar -> echo app")
-    add("")
-    add(f"{'case':<8}{'conc':>5}{'calls':>9}{'calls/s':>10}{'p50 ms':>9}{'p99 ms':>9}  errors")
-    for row in result["cases"]:
-        errors = sum(row["errors"].values())
-        add(
-            f"{row['target']:<8}{row['concurrency']:>5}{row['calls']:>9}"
-            f"{row['calls_per_s']:>10.0f}{row['p50_ms']:>9.3f}{row['p99_ms']:>9.3f}  {errors}"
-        )
-    add("")
-    add(f"{'mesh/direct':<13}{'conc':>5}{'calls/s':>9}{'p50':>8}{'p99':>8}{'added p50 ms':>14}")
-    for c, r in result["ratios"].items():
-        add(
-            f"{'':<13}{c:>5}{r['calls_per_s']:>9.2f}{r['p50_ms']:>8.2f}"
-            f"{r['p99_ms']:>8.2f}{r['added_p50_ms']:>14.3f}"
-        )
+    add(
+        f"machine: {mach['nproc']} x {mach['cpu_model']}; native data plane: "
+        f"{result['native_build_profile']} build; commit {git['commit'][:10]}"
+        f"{' + uncommitted changes' if git['dirty'] else ''}"
+    )
+    add(f"client: {result['client']['what']}")
+    for path in cfg["paths"]:
+        state = "" if path in result["ran"] else "   (not run)"
+        add(f"  {path:<8} {PATH_HELP[path]}{state}")
+    if result.get("nginx_version"):
+        add(f"  nginx {result['nginx_version']}, worker_processes 1")
     add("")
     add(
-        f"CPU per call, µs (utime+stime from /proc/<pid>/stat, tick {1e6 / CLK_TCK:.0f} µs; "
-        "echo scs/apps = sum of the 3)"
+        f"{'workload':<16}{'path':<9}{'hops':>4}{'conc':>5}{'calls/s':>9}{'x direct':>9}"
+        f"{'p50 ms':>9}{'p99 ms':>9}{'+p50/hop':>9}{'errors':>7}"
     )
-    header = "".join(f"{label:>11}" for _, label in ROLE_LABELS)
-    add(f"{'case':<8}{'conc':>5}{header}{'ours %':>8}{'host %':>8}")
-    for row in result["cases"]:
-        cells = "".join(
-            f"{row['cpu_us_per_call'].get(role, 0.0):>11.0f}" for role, _ in ROLE_LABELS
-        )
+    for r in result["summary"]:
         add(
-            f"{row['target']:<8}{row['concurrency']:>5}{cells}"
-            f"{row['ours_busy_pct']:>8.0f}{row['host_busy_pct']:>8.0f}"
+            f"{r['label']:<16}{r['path']:<9}{r['hops']:>4}{r['concurrency']:>5}"
+            f"{fmt(r['calls_per_s'], '.0f', 9)}{fmt(r['calls_vs_direct'], '.2f', 9)}"
+            f"{fmt(r['p50_ms'], '.3f', 9)}{fmt(r['p99_ms'], '.3f', 9)}"
+            f"{fmt(r['added_p50_per_hop_ms'], '.3f', 9)}"
+            f"{r['errors']:>7}"
         )
-    add("")
-    add("Per sidecar hop in the mesh runs (µs CPU per call):")
-    for c, hop in result["hops"].items():
-        add(
-            f"  c={c:<3} client sidecar (outbound) {hop['client_sidecar_us']:6.0f}   "
-            f"echo sidecar (inbound, sum of 3) {hop['echo_sidecars_us']:6.0f}   "
-            f"both {hop['client_sidecar_us'] + hop['echo_sidecars_us']:6.0f}"
-        )
-    for row in result["cases"]:
-        if row["target"] == "mesh":
-            total = max(sum(row["served_by"].values()), 1)
-            shares = ", ".join(f"{k} {v / total:.0%}" for k, v in row["served_by"].items())
-            add(f"  c={row['concurrency']:<3} mesh calls served by: {shares}")
+    add("(+p50/hop: (p50 - direct p50) / hops, ms; x direct: calls/s over direct's, same round)")
     add("")
     add(
-        f"Ring lookup, in-process (sidecar.ring.BoundedRing, {DEFAULT_VNODES} vnodes, "
-        f"load factor {DEFAULT_LOAD_FACTOR}), µs per call:"
+        "CPU µs per call (utime+stime, /proc/<pid>/stat, tick "
+        f"{1e6 / CLK_TCK:.0f} µs); hop 1 = client sidecar / front nginx, hop 2 = echo sidecar"
     )
-    add(f"{'peers':>5}{'owner':>9}{'choose idle':>13}{'choose 32 even':>16}{'choose 32 on 1':>16}")
-    for r in result["ring"]:
+    add(
+        f"{'workload':<16}{'path':<9}{'conc':>5}{'client':>8}{'hop 1':>8}{'hop 2':>8}"
+        f"{'app':>8}{'per hop':>9}{'RSS MB 1':>10}{'RSS MB 2':>10}{'host %':>8}"
+    )
+    for r in result["summary"]:
+        hop = [*r["hop_us"], None, None]
+        rss = [*r["hop_rss_mb_max"], None, None]
         add(
-            f"{r['peers']:>5}{r['owner_us']:>9.2f}{r['choose_idle_us']:>13.2f}"
-            f"{r['choose_32_balanced_us']:>16.2f}{r['choose_32_on_one_peer_us']:>16.2f}"
+            f"{r['label']:<16}{r['path']:<9}{r['concurrency']:>5}{fmt(r['client_us'], '.0f', 8)}"
+            f"{fmt(hop[0], '.0f', 8)}{fmt(hop[1], '.0f', 8)}{fmt(r['app_us'], '.0f', 8)}"
+            f"{fmt(r['per_hop_us'], '.1f', 9)}{fmt(rss[0], '.1f', 10)}{fmt(rss[1], '.1f', 10)}"
+            f"{fmt(r['host_busy_pct'], '.0f', 8)}"
         )
-    errors = {
-        f"{row['target']} c={row['concurrency']}": row["errors"]
-        for row in result["cases"]
-        if row["errors"]
-    }
+    add(
+        "(per hop: the hops' CPU / calls / hops; RSS: VmRSS at the end of each window, the largest)"
+    )
+    idle = result["idle_cpu_ms_per_s"]
+    if idle:
+        cells = ", ".join(f"{name} {fmt(ms, '.1f', 0)}" for name, ms in idle.items())
+        add(f"idle CPU, ms per s (while direct ran): {cells}")
+    if result["targets"]:
+        add("")
+        add("native mesh targets:")
+        for t in result["targets"]:
+            sign = ">=" if t["higher_is_better"] else "<="
+            unit = "" if t["unit"] == "x" else f" {t['unit']}"
+            value = fmt(t["value"], ".3g" if t["unit"] != "µs" else ".1f", 7)
+            line = (
+                f"  {t['what']:<42}{value}{unit:<4} {sign} {t['goal']:g}: "
+                f"{'met' if t['met'] else 'NOT met'}"
+            )
+            if t["stretch"] is not None:
+                line += f"   (stretch {sign} {t['stretch']:g}: {'met' if t['stretch_met'] else 'not met'})"
+            add(line)
+    add("")
+    add(f"Ring, in-process (sidecar.ring.BoundedRing, {DEFAULT_VNODES} vnodes):")
+    for row in result["ring"]:
+        add(
+            f"  {row['peers']:>2} peers: build + export {row['build_ms']:6.2f} ms, "
+            f"order() {row['order_us']:5.2f} µs per key"
+        )
+    for notice in result["notices"]:
+        add(f"NOTE: {notice}")
+    errors = [
+        (f"round {r['round']} {r['workload']} c={r['concurrency']} {r['path']}", what, n)
+        for r in result["runs"]
+        for what, n in r["errors"].items()
+    ]
     if errors:
         add("")
         add("ERRORS:")
-        for case, errs in errors.items():
-            for what, count in errs.items():
-                add(f"  {case}: {count} x {what}")
+        for case, what, n in errors:
+            add(f"  {case}: {n} x {what}")
     return "\n".join(out)
 
 
-# -- main -------------------------------------------------------------------------------
+def clean(value: Any) -> Any:
+    """JSON without NaN: non-finite floats become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [clean(v) for v in value]
+    return value
+
+
+# -- main --------------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per case")
+    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per case")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of warm-up per case")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of every case")
     parser.add_argument(
-        "--rounds", type=int, default=1, help="repeat every case; order alternates per round"
+        "--concurrency", type=int, nargs="+", default=[1, 32], help="for the 100-byte unary rows"
     )
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--paths", nargs="+", choices=ALL_PATHS, default=list(ALL_PATHS))
     parser.add_argument("--payload", type=int, default=100, help="bytes of request text")
+    parser.add_argument(
+        "--big-payload", type=int, default=65536, help="the large unary row's bytes (0: no row)"
+    )
+    parser.add_argument(
+        "--stream-messages",
+        type=int,
+        default=100,
+        help="messages of the server-stream row (0: no row)",
+    )
+    parser.add_argument("--old-commit", default=OLD_COMMIT, help="the grpc.aio plane's commit")
+    parser.add_argument(
+        "--no-install", dest="install", action="store_false", help="never apt-get nginx"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--save",
+        action="store_true",
+        help=f"also write {SAVED_JSON.relative_to(REPO)} and {SAVED_PNG.relative_to(REPO)}",
+    )
     parser.add_argument("--keep-logs", action="store_true", help="keep the children's logs")
     args = parser.parse_args(argv)
-    if args.duration <= 0 or args.warmup < 0 or args.rounds < 1 or min(args.concurrency) < 1:
-        parser.error("--duration must be > 0, --warmup >= 0, --rounds and --concurrency >= 1")
+    if not 0 < args.duration <= 600 or not 0 <= args.warmup <= 60:
+        parser.error("--duration must be in (0, 600], --warmup in [0, 60]")
+    if not 1 <= args.rounds <= 100 or not all(1 <= c <= 1024 for c in args.concurrency):
+        parser.error("--rounds must be in 1..100, --concurrency in 1..1024")
+    if not 0 <= args.payload <= 16 << 20 or not 0 <= args.big_payload <= 16 << 20:
+        parser.error("payloads are 0..16 MiB")
+    if not 0 <= args.stream_messages <= 100_000:
+        parser.error("--stream-messages is 0..100000")
+    args.paths = ["direct", *(p for p in ALL_PATHS if p in args.paths and p != "direct")]
+    args.concurrency = sorted(set(args.concurrency))
     return args
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop the mesh
-
-
-def _event_loop_runner() -> Callable[[Any], Any]:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run
-    run: Callable[[Any], Any] = uvloop.run  # the sidecars use uvloop too
-    return run
+    raise SystemExit(128 + signum)  # unwinds through the finally blocks that stop everything
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    print("ring lookups ...", flush=True)
+    try:
+        return bench(args)
+    except (RuntimeError, MeshError) as exc:
+        print(f"bench_proxy: {exc}", file=sys.stderr)
+        return 1
+
+
+def bench(args: argparse.Namespace) -> int:
+    profile = build_profile()
+    print(f"native data plane: {profile} build", flush=True)
+    print("building the load generator (bench/loadgen, cargo --release) ...", flush=True)
+    binary = loadgen.build_loadgen()
+    print("ring builds and lookups ...", flush=True)
     ring = bench_ring([3, 10])
+    works = workloads(args)
     logs = Path(tempfile.mkdtemp(prefix="ringmesh-bench-"))
     ok = False
     try:
-        print("starting etcd, 3 echo instances and a client, each with a sidecar ...", flush=True)
-        with running_mesh(logs) as (etcd, echoes, client):
-            assert etcd.pid is not None
-            pids = {
-                "client_sidecar": [client.sidecar.pid],
-                "echo_sidecars": [e.sidecar.pid for e in echoes],
-                "echo_apps": [e.app.pid for e in echoes],
-                "client_app": [client.app.pid],
-                "bench": [os.getpid()],
-                "etcd": [etcd.pid],
-            }
-            cases = _event_loop_runner()(run_load(args, echoes, client, pids))
-            for child in [*(e.sidecar for e in echoes), client.sidecar]:
-                if not child.alive():
-                    raise RuntimeError(f"{child.name} died during the run")
+        with contextlib.ExitStack() as exits:
+            stack = Stack(exits, logs)
+            print("starting etcd and the demo app ...", flush=True)
+            start_everything(stack, args)
+            for notice in stack.notices:
+                print(f"NOTE: {notice}", flush=True)
+            runs = run_rounds(stack, binary, works, args)
+            print("stopping everything ...", flush=True)
         ok = True
     finally:
         if ok and not args.keep_logs:
@@ -463,43 +840,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"children's logs kept in {logs}", file=sys.stderr)
 
-    rows = [summarize(case) for case in cases]
-    by_key = {(r["target"], r["concurrency"]): r for r in rows}
+    summary = summarize(runs, works)
     result: dict[str, Any] = {
         "benchmark": "bench_proxy",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "git": git_state(),
+        "machine": machine(),
+        "native_build_profile": profile,
+        "nginx_version": stack.nginx_version,
+        "client": {
+            "what": "bench/loadgen: Rust, h2 on one tokio thread, one HTTP/2 connection, "
+            "closed-loop callers",
+            "binary": str(binary.relative_to(REPO)),
+        },
         "config": {
             "duration": args.duration,
             "warmup": args.warmup,
             "rounds": args.rounds,
             "concurrency": args.concurrency,
             "payload": args.payload,
+            "big_payload": args.big_payload,
+            "stream_messages": args.stream_messages,
             "keys": N_KEYS,
-            "echo_instances": ECHO_INSTANCES,
-            "cpus": os.cpu_count(),
-            "clk_tck": CLK_TCK,
-            "python": platform.python_version(),
-            "grpcio": grpc.__version__,
-            "machine": platform.machine(),
+            "paths": args.paths,
+            "old_commit": args.old_commit,
+            "prefixes": {"mesh": NATIVE_PREFIX, "grpcaio": GRPCAIO_PREFIX},
         },
-        "cases": rows,
-        "ratios": {
-            str(c): ratios(by_key[("direct", c)], by_key[("mesh", c)]) for c in args.concurrency
-        },
-        "hops": {
-            str(c): {
-                "client_sidecar_us": by_key[("mesh", c)]["cpu_us_per_call"]["client_sidecar"],
-                "echo_sidecars_us": by_key[("mesh", c)]["cpu_us_per_call"]["echo_sidecars"],
+        "ran": sorted(stack.routes),
+        "notices": stack.notices,
+        "workloads": [
+            {
+                k: getattr(w, k)
+                for k in ("name", "label", "rpc", "payload", "messages", "concurrency")
             }
-            for c in args.concurrency
-        },
+            for w in works
+        ],
+        "summary": summary,
+        "targets": targets(summary, args.concurrency),
+        "idle_cpu_ms_per_s": background(runs),
         "ring": ring,
+        "runs": runs,
     }
+    result = clean(result)
     print(render(result))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2, allow_nan=True) + "\n")
-    print(f"\nwrote {args.output}")
-    failed = sum(sum(r["errors"].values()) for r in rows)
+    text = json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+    outputs = [args.output, *([SAVED_JSON] if args.save else [])]
+    for path in outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    if args.save:
+        try:
+            from bench.plot import plot
+
+            plot(result, SAVED_PNG)
+            print(f"wrote {SAVED_PNG}")
+        except ImportError as exc:
+            print(f"NOTE: no plot ({exc}); pip install matplotlib", file=sys.stderr)
+    failed = sum(r["errors"] for r in summary)
     return 1 if failed else 0
 
 

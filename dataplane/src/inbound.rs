@@ -292,3 +292,24 @@ mod tests {
         assert_eq!(&health_message(1)[..], b"\x00\x00\x00\x00\x02\x08\x01");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_health_request_bytes_parse_or_are_refused_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = health_service(&bytes);
+            let _ = grpc::unframe_message(&bytes);
+        }
+
+        #[test]
+        fn named_health_requests_round_trip(name in "[a-z.]{0,100}") {
+            let mut message = vec![0x0a, u8::try_from(name.len()).unwrap()];
+            message.extend_from_slice(name.as_bytes());
+            prop_assert_eq!(health_service(&grpc::frame_message(&message)), Ok(name));
+        }
+    }
+}

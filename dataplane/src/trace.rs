@@ -204,3 +204,24 @@ mod tests {
         assert!(spans.take().is_empty());
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_traceparent_bytes_parse_or_are_refused_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let _ = parse_traceparent(&bytes);
+        }
+
+        #[test]
+        fn a_hop_always_sends_a_valid_traceparent(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+            let value = HeaderValue::from_bytes(&bytes).ok();
+            let (span, header) = begin(value.as_ref(), "/a/b", Direction::Outbound);
+            let parsed = parse_traceparent(header.as_bytes());
+            prop_assert_eq!(parsed.map(|(t, s, _)| (t, s)), Some((span.trace_id, span.span_id)));
+        }
+    }
+}
