@@ -190,9 +190,11 @@ pub async fn serve(
         tried: Vec::new(),
         order: None,
     };
-    let described = format!("service {}", crate::snapshot::py_repr(&routes.name));
     let Some(mut target) = plan.first(routes, &plane) else {
-        let message = format!("no live instance of {described}");
+        let message = format!(
+            "no live instance of service {}",
+            crate::snapshot::py_repr(&routes.name)
+        );
         return Ok(ending.reject(grpc::UNAVAILABLE, &message));
     };
     drop(snapshot);
@@ -293,7 +295,10 @@ pub async fn serve(
                 plane.stats.retried(failure);
                 target = next_target;
             }
-            None => return give_up(ending, &replay, result, failure, &described).await,
+            None => {
+                let described = format!("service {}", crate::snapshot::py_repr(&plan.service));
+                return give_up(ending, &replay, result, failure, &described).await;
+            }
         }
     }
 }

@@ -58,35 +58,54 @@ pub struct SeriesReading {
     pub buckets: Vec<u64>,
 }
 
-/// The duration histograms of one direction, by (method path, gRPC status).
+/// The duration histograms of one direction, by method path, then gRPC status
+/// (looked up by `&str`: recording a call allocates nothing once its series exists).
 #[derive(Default)]
 pub struct Durations {
-    series: RwLock<HashMap<(String, u32), Arc<Histogram>>>,
+    series: RwLock<HashMap<String, ByCode>>,
+}
+
+/// One method's histograms, by status code (a handful at most).
+type ByCode = Vec<(u32, Arc<Histogram>)>;
+
+fn find(codes: &[(u32, Arc<Histogram>)], code: u32) -> Option<&Arc<Histogram>> {
+    codes.iter().find(|(c, _)| *c == code).map(|(_, h)| h)
 }
 
 impl Durations {
     pub fn record(&self, method: &str, code: u32, elapsed: Duration) {
-        if let Some(h) = read(&self.series).get(&(method.to_owned(), code)) {
+        if let Some(h) = read(&self.series)
+            .get(method)
+            .and_then(|codes| find(codes, code))
+        {
             h.record(elapsed);
             return;
         }
         let mut series = write(&self.series);
-        let key = if series.len() < MAX_SERIES {
-            (method.to_owned(), code)
-        } else {
-            (OTHER_METHOD.to_owned(), code)
-        };
-        series
-            .entry(key)
-            .or_insert_with(|| Arc::new(Histogram::new()))
-            .record(elapsed);
+        let count: usize = series.values().map(Vec::len).sum();
+        let method =
+            if count < MAX_SERIES || series.get(method).is_some_and(|c| find(c, code).is_some()) {
+                method
+            } else {
+                OTHER_METHOD
+            };
+        let codes = series.entry(method.to_owned()).or_default();
+        match find(codes, code) {
+            Some(h) => h.record(elapsed),
+            None => {
+                let h = Arc::new(Histogram::new());
+                h.record(elapsed);
+                codes.push((code, h));
+            }
+        }
     }
 
     pub fn read(&self) -> Vec<SeriesReading> {
         let series = read(&self.series);
         let mut out: Vec<SeriesReading> = series
             .iter()
-            .map(|((method, code), h)| SeriesReading {
+            .flat_map(|(method, codes)| codes.iter().map(move |(code, h)| (method, code, h)))
+            .map(|(method, code, h)| SeriesReading {
                 method: method.clone(),
                 code: *code,
                 count: h.count.load(Relaxed),
