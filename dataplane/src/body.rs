@@ -242,6 +242,9 @@ impl Body for ReplayBody {
                     s.error = Some(h2_reason(&err).unwrap_or(h2::Reason::CANCEL));
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    // An empty DATA frame carries nothing; forwarding one per call
+                    // trips gRPC's flood guard ("Too many zero length data frames").
+                    Ok(data) if data.is_empty() => {}
                     Ok(data) => {
                         s.size += data.len();
                         s.count += 1;
@@ -331,7 +334,15 @@ impl Body for RelayBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
-        match Pin::new(inner).poll_frame(cx) {
+        let polled = loop {
+            match Pin::new(&mut *inner).poll_frame(cx) {
+                // Nothing in it: not worth a frame of our own (see ReplayBody).
+                Poll::Ready(Some(Ok(frame)))
+                    if frame.data_ref().is_some_and(bytes::Bytes::is_empty) => {}
+                polled => break polled,
+            }
+        };
+        match polled {
             Poll::Pending => Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.is_data() {

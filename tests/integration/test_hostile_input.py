@@ -127,7 +127,7 @@ class RawClient:
     def flush(self) -> None:
         self.sock.sendall(self.conn.data_to_send())
 
-    def start_call(self, method: str, message: bytes, *, end: bool) -> int:
+    def start_call(self, method: str, message: bytes | None, *, end: bool) -> int:
         stream = self.conn.get_next_available_stream_id()
         headers = [
             (":method", "POST"), (":scheme", "http"), (":path", method),
@@ -135,8 +135,26 @@ class RawClient:
             ("te", "trailers"), ("ringmesh-service", "echo"), ("ringmesh-hash-key", "k"),
         ]  # fmt: skip
         self.conn.send_headers(stream, headers)
-        self.conn.send_data(stream, grpc_frame(message), end_stream=end)
+        if message is not None:
+            self.conn.send_data(stream, grpc_frame(message), end_stream=end)
         return stream
+
+    def status_of(self, stream: int, within: float = 10.0) -> str:
+        """Read until ``stream`` ends; its grpc-status ("" if it was reset)."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            for event in self.read_some(1.0):
+                if isinstance(event, h2.events.DataReceived):
+                    self.conn.acknowledge_received_data(
+                        event.flow_controlled_length, event.stream_id
+                    )
+                if isinstance(event, h2.events.StreamReset) and event.stream_id == stream:
+                    return ""
+                if isinstance(event, h2.events.TrailersReceived | h2.events.ResponseReceived):
+                    headers = dict(event.headers)
+                    if event.stream_id == stream and b"grpc-status" in headers:
+                        return str(headers[b"grpc-status"].decode())
+        raise AssertionError(f"stream {stream} did not end within {within} s")
 
     def read_some(self, within: float) -> list[h2.events.Event]:
         self.sock.settimeout(within)
@@ -218,3 +236,25 @@ def test_a_reader_that_never_reads_holds_the_sidecars_memory_flat(
         raw.close()
     assert max(grown) < 20, grown
     until(lambda: echo_inflight(echo) == 0, within=30, what="the unread stream ended")
+
+
+def test_calls_that_end_with_an_empty_data_frame_keep_working(
+    pair: tuple[Instance, Instance],
+) -> None:
+    """Clients such as the h2 crate end a request with an empty DATA frame; a relay
+    that forwards those trips gRPC's flood guard after a few hundred calls on one
+    connection ("Too many zero length data frames") and breaks it."""
+    _echo, client = pair
+    raw = RawClient(client.outbound)
+    request = grpc_frame(demo_pb2.EchoRequest(text="x").SerializeToString())
+    statuses: list[str] = []
+    try:
+        for _ in range(600):
+            stream = raw.start_call("/ringmesh.demo.v1.Demo/Echo", None, end=False)
+            raw.conn.send_data(stream, request)
+            raw.conn.send_data(stream, b"", end_stream=True)
+            raw.flush()
+            statuses.append(raw.status_of(stream))
+    finally:
+        raw.close()
+    assert set(statuses) == {"0"}, {s: statuses.count(s) for s in set(statuses)}
