@@ -19,7 +19,7 @@ import h2.connection
 import h2.events
 import pytest
 
-from proto import demo_pb2
+from proto import demo_pb2, demo_pb2_grpc
 from tests.mesh import Instance, Mesh
 from tests.waiting import until
 
@@ -73,9 +73,7 @@ def echo_works(client: Instance) -> None:
     assert reply.text == "still here"
 
 
-def demo_stub(channel: grpc.Channel) -> object:
-    from proto import demo_pb2_grpc
-
+def demo_stub(channel: grpc.Channel) -> demo_pb2_grpc.DemoStub:
     return demo_pb2_grpc.DemoStub(channel)
 
 
@@ -102,7 +100,7 @@ def test_headers_over_16_kib_get_an_error_and_change_nothing(
     with grpc.insecure_channel(client.outbound) as channel:
         stub = demo_stub(channel)
         with pytest.raises(grpc.RpcError) as err:
-            stub.Echo(  # type: ignore[attr-defined]
+            stub.Echo(
                 demo_pb2.EchoRequest(text="x"),
                 metadata=(("ringmesh-service", "echo"), ("x-big", "b" * 20_000)),
                 timeout=10,
