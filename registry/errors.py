@@ -35,6 +35,10 @@ class RevisionCompacted(MeshError):
         self.compacted_revision = compacted_revision
 
 
+class WriteConflict(MeshError):
+    """A compare-and-swap kept losing to other writers of the same key. Try again later."""
+
+
 class LeaseLost(MeshError):
     """The lease expired or was revoked: grant a new one and put the records again."""
 

@@ -246,6 +246,33 @@ class EtcdClient(AsyncClosing):
         revision: int = kv.create_revision
         return revision
 
+    async def put_if_unchanged(
+        self, key: str, value: bytes, *, lease: int | None, mod_revision: int
+    ) -> bool:
+        """Put ``key`` only if its mod revision is still ``mod_revision`` (compare-and-swap).
+
+        ``mod_revision`` 0 means "only if the key does not exist" (etcd gives an
+        absent key revision 0). Returns False, nothing written, when another write
+        came first: read again, redo the change, try again.
+        """
+        if mod_revision < 0:
+            raise ValueError(f"mod revision must be >= 0, got {mod_revision}")
+        encoded = key.encode()
+
+        def txn(c: Any) -> Awaitable[tuple[bool, list[Any]]]:
+            ops = c.transactions
+            unchanged = (
+                ops.create(encoded) == 0 if mod_revision == 0 else ops.mod(encoded) == mod_revision
+            )
+            return c.transaction(  # type: ignore[no-any-return]
+                compare=[unchanged],
+                success=[ops.put(encoded, value, lease=lease)],
+                failure=[],
+            )
+
+        swapped, _responses = await self._call(txn, f"put {key} if at revision {mod_revision}")
+        return bool(swapped)
+
     async def put_fenced(
         self,
         key: str,

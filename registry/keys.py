@@ -86,12 +86,20 @@ class KeyLayout:
     def target(self, service: str) -> str:
         return f"{self.targets}{validate_service(service)}"
 
+    @property
+    def authorizations(self) -> str:
+        return f"{self.prefix}/authz/"
+
+    def authorization(self, service: str) -> str:
+        """``authz/<service>``: who may call ``service`` (registry/authz.py)."""
+        return f"{self.authorizations}{validate_service(service)}"
+
     def election(self, name: str = "scaler") -> str:
         """``election/<name>/``: every candidate's key is directly under it."""
         return f"{self.prefix}/election/{validate_service(name)}/"
 
     def parse_last(self, key: str, under: str) -> str:
-        """The service name at the end of a ``policy/`` or ``targets/`` key."""
+        """The service name at the end of a ``policy/``, ``targets/`` or ``authz/`` key."""
         if not key.startswith(under):
             raise InvalidName(f"{key!r} is not under {under!r}")
         return validate_service(key[len(under) :])

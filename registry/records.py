@@ -66,12 +66,7 @@ class InstanceRecord:
     @classmethod
     def from_json(cls, raw: bytes) -> InstanceRecord:
         """Parse a stored record; raise RecordError on anything malformed."""
-        try:
-            doc = json.loads(raw)
-        except (ValueError, RecursionError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
-            raise record_error(f"not JSON: {exc}") from exc
-        if not isinstance(doc, dict):
-            raise RecordError(f"expected a JSON object, got {type(doc).__name__}")
+        doc = load_object(raw)
         try:
             return cls(
                 id=_field(doc, "id", str),
@@ -80,10 +75,10 @@ class InstanceRecord:
                 zone=_field(doc, "zone", str, ""),
                 weight=_field(doc, "weight", int, 1),
                 state=_field(doc, "state", str, SERVING),
-                grpc_services=tuple(_string_list(doc, "grpc_services")),
+                grpc_services=tuple(string_list(doc, "grpc_services")),
                 version=_field(doc, "version", str, ""),
                 started_at=float(_field(doc, "started_at", (int, float), 0.0)),
-                unary_methods=tuple(_string_list(doc, "unary_methods")),
+                unary_methods=tuple(string_list(doc, "unary_methods")),
             )
         except (InvalidName, OverflowError, ValueError, TypeError) as exc:
             # Whatever a field's validation raises, the record is skipped, never fatal.
@@ -149,6 +144,17 @@ def record_error(message: str) -> RecordError:
     return RecordError(line)
 
 
+def load_object(raw: bytes) -> dict[str, Any]:
+    """A stored value as a JSON object; RecordError (one bounded line) on anything else."""
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
+        raise record_error(f"not JSON: {exc}") from exc
+    if not isinstance(doc, dict):
+        raise RecordError(f"expected a JSON object, got {type(doc).__name__}")
+    return doc
+
+
 _MISSING: Any = object()
 
 
@@ -163,8 +169,11 @@ def _field(doc: dict[str, Any], name: str, kind: Any, default: Any = _MISSING) -
     return value
 
 
-def _string_list(doc: dict[str, Any], name: str) -> list[str]:
-    value = doc.get(name, [])
+def string_list(doc: dict[str, Any], name: str, *, required: bool = False) -> list[str]:
+    """A field holding a JSON list of strings (absent: empty, unless ``required``)."""
+    value = doc.get(name, _MISSING if required else [])
+    if value is _MISSING:
+        raise RecordError(f"missing field {name!r}")
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise RecordError(f"field {name!r} must be a list of strings")
     return value

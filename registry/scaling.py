@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Self, TypeVar
 
 from registry.errors import ConfigError, RecordError
-from registry.records import describe, record_error
+from registry.records import describe, load_object, record_error
 
 INFLIGHT = "inflight"
 RPS = "rps"
@@ -233,14 +233,7 @@ def _dump(record: object) -> bytes:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
 
 
-def _load(raw: bytes) -> dict[str, Any]:
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError, TypeError) as exc:  # UnicodeDecodeError is a ValueError
-        raise record_error(f"not JSON: {exc}") from exc
-    if not isinstance(doc, dict):
-        raise RecordError(f"expected a JSON object, got {type(doc).__name__}")
-    return doc
+_load = load_object  # one set of JSON rules for every record (records.py)
 
 
 def _get(doc: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:

@@ -1,9 +1,9 @@
 """The live topology: every instance record under ``instances/``, kept current by a watch.
 
-List the prefix, then watch from that revision + 1, tracking each event's
-mod_revision. On a broken connection re-watch from the last revision + 1; on
-a compacted revision re-list. While etcd is unreachable the last topology
-stays in force: a broken watch is never read as "everything was deleted".
+The watch is registry/watch.py's PrefixWatch: list, then watch from that
+revision + 1; re-watch on a broken connection, re-list on a compacted
+revision. While etcd is unreachable the last topology stays in force: a
+broken watch is never read as "everything was deleted".
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from registry.errors import EtcdError, EtcdUnavailable, InvalidName, RecordError, RevisionCompacted
-from registry.etcd import EtcdClient, KeyValue, WatchEvent
+from registry.errors import InvalidName, RecordError
+from registry.etcd import EtcdClient, KeyValue
 from registry.keys import KeyLayout
 from registry.lease import Sleep
-from registry.outage import OutageLog
 from registry.records import InstanceRecord, parse_or_skip
+from registry.watch import PrefixWatch
 
 log = logging.getLogger(__name__)
 
@@ -100,69 +100,33 @@ class TopologyWatch:
         sleep: Sleep = asyncio.sleep,
         retry_interval: float = 0.5,
     ) -> None:
-        self._client = client
-        self._layout = layout
         self._on_change = on_change
-        self._sleep = sleep
-        self._retry_interval = retry_interval
-        self._entries: dict[str, Registered] = {}
-        self.revision = 0  # the last revision applied
         self.topology = Topology()
-        self.ready = asyncio.Event()  # set after the first listing
-        self._outage = OutageLog(
-            log,
-            down=lambda exc: (
-                f"topology watch broken, routing on the last topology (rev {self.revision}): {exc}"
-            ),
-            up=lambda: f"topology watch resumed from revision {self.revision + 1}",
+
+        def parse(key: str, value: bytes, *, lease: int, mod_revision: int) -> Registered:
+            return parse_entry(layout, key, value, lease=lease, mod_revision=mod_revision)
+
+        self._watch = PrefixWatch(
+            client,
+            layout.instances,
+            parse=parse,
+            on_change=self._publish,
+            logger=log,
+            name="topology",
+            keeping="routing on the last topology",
+            sleep=sleep,
+            retry_interval=retry_interval,
         )
+        self.ready = self._watch.ready  # set after the first listing
+
+    @property
+    def revision(self) -> int:
+        """The last revision applied."""
+        return self._watch.revision
 
     async def run(self) -> None:
-        listed = False
-        while True:
-            try:
-                if not listed:
-                    await self._list()
-                    listed = True
-                async for event in self._client.watch_prefix(
-                    self._layout.instances, start_revision=self.revision + 1
-                ):
-                    self._outage.recovered()
-                    self._apply(event)
-            except RevisionCompacted as exc:
-                log.warning("watch revision %d compacted (%s): re-listing", self.revision + 1, exc)
-                listed = False
-            except (EtcdUnavailable, EtcdError) as exc:
-                # Never give up: the last topology stays in force meanwhile.
-                self._outage.failed(exc)
-                await self._sleep(self._retry_interval)
+        await self._watch.run()
 
-    async def _list(self) -> None:
-        kvs, revision = await self._client.get_prefix(self._layout.instances)
-        self._outage.recovered()
-        self._entries = _parse_listing(self._layout, kvs)
-        self.revision = revision
-        self._publish()
-        self.ready.set()
-
-    def _apply(self, event: WatchEvent) -> None:
-        self.revision = max(self.revision, event.revision)
-        if event.value is None:
-            self._entries.pop(event.key, None)
-        else:
-            try:
-                self._entries[event.key] = parse_entry(
-                    self._layout,
-                    event.key,
-                    event.value,
-                    lease=event.lease,
-                    mod_revision=event.revision,
-                )
-            except RecordError as exc:
-                log.warning("skipping %s: %s", event.key, exc)
-                self._entries.pop(event.key, None)
-        self._publish()
-
-    def _publish(self) -> None:
-        self.topology = Topology.build(self.revision, self._entries.values())
+    def _publish(self, revision: int, entries: Mapping[str, Registered]) -> None:
+        self.topology = Topology.build(revision, entries.values())
         self._on_change(self.topology)

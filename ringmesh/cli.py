@@ -139,6 +139,37 @@ def build_parser() -> EnvParser:
         sub.add_argument("service")
         add_etcd_options(sub)
 
+    authz = commands.add_parser("authz", help="who may call a service (authz/<service>)")
+    actions = authz.add_subparsers(dest="action", required=True, parser_class=EnvParser)
+    for name, text in (
+        ("allow", "let CALLER call SERVICE (starts SERVICE's list if it has none)"),
+        ("deny", "take CALLER off SERVICE's list"),
+    ):
+        sub = actions.add_parser(name, help=text)
+        sub.add_argument("service")
+        sub.add_argument("caller")
+        add_etcd_options(sub)
+    show = actions.add_parser("show", help="print who may call SERVICE")
+    show.add_argument("service")
+    show.option("--json", action="store_true", help="one JSON document on stdout")
+    add_etcd_options(show)
+
+    certs = commands.add_parser("certs", help="the mesh CA and service certificates (mTLS)")
+    actions = certs.add_subparsers(dest="action", required=True, parser_class=EnvParser)
+    init = actions.add_parser("init", help="make the mesh CA: DIR/ca.pem, DIR/ca.key")
+    init.add_argument("dir", metavar="DIR")
+    init.option("--days", type=float, default=3650.0, help="validity in days (default 10 years)")
+    init.option("--force", action="store_true", help="replace an existing CA")
+    issue = actions.add_parser(
+        "issue", help="a key and certificate for SERVICE: DIR/SERVICE/{cert,key,ca}.pem"
+    )
+    issue.add_argument("dir", metavar="DIR")
+    issue.add_argument("service", metavar="SERVICE")
+    issue.option(
+        "--days", type=float, default=1.0, help="validity in days, fractions allowed (default 1)"
+    )
+    issue.option("--force", action="store_true", help="replace existing files (renewal)")
+
     up = commands.add_parser("up", help="a local mesh: embedded etcd and demo services")
     up.option(
         "--for",
@@ -186,6 +217,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _run(_sidecar(args))
     if args.command == "scaler":
         return _run(_scaler(args))
+    if args.command == "certs":
+        from ringmesh.certs import certs_command
+
+        return certs_command(args)
     layout = KeyLayout(args.prefix)
     config = etcd_config(args)
     if args.command == "topology":
@@ -209,6 +244,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ringmesh.policy_cmd import policy_command
 
         return _run(_with_etcd(config, lambda c: policy_command(c, layout, args)))
+    if args.command == "authz":
+        from ringmesh.authz_cmd import authz_command
+
+        return _run(_with_etcd(config, lambda c: authz_command(c, layout, args)))
     raise ConfigError(f"unknown command {args.command!r}")
 
 
