@@ -4,6 +4,11 @@
 #[cfg(feature = "python")]
 mod binding;
 
+/// The extension module's own allocations (the relay's buffers and frames).
+#[cfg(feature = "python")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub mod body;
 pub mod call;
 pub mod grpc;
