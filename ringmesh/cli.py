@@ -80,7 +80,12 @@ def build_parser() -> EnvParser:
         metavar="SECONDS",
         help="how often the load/ record is written",
     )
-    sidecar.option("--tls-dir", metavar="DIR", help="mesh certificates (mTLS between sidecars)")
+    sidecar.option(
+        "--tls-dir",
+        metavar="DIR",
+        help="this service's mesh certificate (cert.pem, key.pem, ca.pem, as `ringmesh certs issue` "
+        "writes them): mutual TLS between sidecars",
+    )
     add_etcd_options(sidecar)
 
     topology = commands.add_parser("topology", help="print services and instances from etcd")
@@ -270,8 +275,6 @@ async def _sidecar(args: argparse.Namespace) -> int:
     from sidecar.config import SidecarConfig
     from sidecar.runtime import Sidecar
 
-    if args.tls_dir:
-        raise ConfigError("--tls-dir (mesh mTLS) is not supported yet")
     config = SidecarConfig(
         service=args.service,
         app=args.app,
@@ -289,6 +292,7 @@ async def _sidecar(args: argparse.Namespace) -> int:
         idempotent=tuple(args.idempotent),
         report_interval=args.report_interval,
         otlp_endpoint=otlp_endpoint(),
+        tls_dir=args.tls_dir,
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

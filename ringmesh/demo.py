@@ -50,12 +50,12 @@ class DemoService(demo_pb2_grpc.DemoServicer):
                 await asyncio.sleep(request.delay_ms / 1000)
             self.served += 1
             await abort_if_asked(context)
-            # Echo "x-echo" and "traceparent" request headers back as trailing
-            # metadata, so tests can see metadata pass through the mesh both ways.
+            # Echo "x-echo", "traceparent" and "ringmesh-caller" request headers back
+            # as trailing metadata, so tests can see metadata pass through the mesh.
             echoed = tuple(
-                (f"x-{key}" if key == "traceparent" else key, value)
+                (key if key == "x-echo" else f"x-{key}", value)
                 for key, value in context.invocation_metadata()
-                if key in ("x-echo", "traceparent")
+                if key in ("x-echo", "traceparent", "ringmesh-caller")
             )
             if echoed:
                 context.set_trailing_metadata(echoed)

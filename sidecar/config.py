@@ -52,6 +52,7 @@ class SidecarConfig:
     idempotent: tuple[str, ...] = ()
     report_interval: float = 1.0
     otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT (ringmesh.options)
+    tls_dir: str | None = None  # mutual TLS between sidecars: cert.pem, key.pem, ca.pem
 
     def __post_init__(self) -> None:
         validate_service(self.service)

@@ -82,6 +82,7 @@ RETRIES = "ringmesh.retries"
 EJECTIONS = "ringmesh.ejections"
 BUDGET_EXHAUSTED = "ringmesh.retry_budget_exhausted"
 BUDGET_WAITS = "ringmesh.retry_budget_waits"
+AUTHZ_DENIED = "ringmesh.authz_denied"
 # Milliseconds; fine enough below 1 ms, where a sidecar hop lives. The same
 # bounds as the data plane's DURATION_BUCKETS_MS (dataplane/src/stats.rs).
 DURATION_BUCKETS_MS: tuple[float, ...] = (
@@ -103,6 +104,7 @@ _PLAIN_COUNTERS = (
         "{retry}",
         "Retries that waited for a slot in the retry budget",
     ),
+    (AUTHZ_DENIED, "authz_denied", "{call}", "Inbound calls an authz/ record refused"),
 )
 _GRPC_CODE_NAMES = (
     "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",

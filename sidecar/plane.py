@@ -8,6 +8,7 @@ snapshot of the routing table is pushed, the counters are pulled.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -60,13 +61,17 @@ class NativePlane:
 
     def __init__(self, config: SidecarConfig, *, tracing: bool) -> None:
         self._config = config
-        self._plane = DataPlane(
-            service=config.service,
-            app=config.app,
-            idempotent=list(config.idempotent),
-            tracing=tracing,
-            log_level=logging.getLogger("ringmesh.dataplane").getEffectiveLevel(),
-        )
+        try:
+            self._plane = DataPlane(
+                service=config.service,
+                app=config.app,
+                idempotent=list(config.idempotent),
+                tracing=tracing,
+                log_level=logging.getLogger("ringmesh.dataplane").getEffectiveLevel(),
+                tls_dir=config.tls_dir,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
     def start(self) -> tuple[int, int | None]:
         """Bind and serve; (outbound port, inbound port or None without an app)."""
@@ -96,6 +101,10 @@ class NativePlane:
             draining,
             topology.revision,
         )
+
+    def set_authz(self, rules: Mapping[str, frozenset[str]]) -> None:
+        """The authz/ records in force (no entry for a service: every mesh peer may call it)."""
+        self._plane.set_authz({service: sorted(callers) for service, callers in rules.items()})
 
     def set_registered(self, registered: bool) -> None:
         self._plane.set_registered(registered)

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from registry.authz import AuthzWatch
 from registry.errors import ConfigError
 from registry.etcd import EtcdClient
 from registry.keys import KeyLayout
@@ -159,7 +160,11 @@ class Sidecar:
         config = self.config
         keeper = LeaseKeeper(etcd, ttl=config.ttl, clock=self._clock)
         watch = TopologyWatch(etcd, self.layout, on_change=self._on_topology)
-        loops: dict[str, Coroutine[Any, Any, None]] = {"topology-watch": watch.run()}
+        authz = AuthzWatch(etcd, self.layout, on_change=self.plane.set_authz)
+        loops: dict[str, Coroutine[Any, Any, None]] = {
+            "topology-watch": watch.run(),
+            "authz-watch": authz.run(),
+        }
         if config.app is not None:
             self._registration = Registration(
                 layout=self.layout,

@@ -23,6 +23,7 @@ use crate::ring::Ring;
 use crate::server::{self, Server, Side};
 use crate::snapshot::{lock, Peer, ServiceRoutes, Snapshot};
 use crate::stats::{SeriesReading, DURATION_BUCKETS_MS};
+use crate::tls::Tls;
 
 /// One service of a snapshot as Python sends it: its name, its serving
 /// instances (id, address, weight), its ring's sorted points (16-byte
@@ -44,17 +45,33 @@ struct DataPlane {
 #[pymethods]
 impl DataPlane {
     #[new]
-    #[pyo3(signature = (*, service, app=None, idempotent=Vec::new(), tracing=false, log_level=30))]
+    #[pyo3(signature = (*, service, app=None, idempotent=Vec::new(), tracing=false, log_level=30, tls_dir=None))]
     fn new(
         service: String,
         app: Option<String>,
         idempotent: Vec<String>,
         tracing: bool,
         log_level: u8,
+        tls_dir: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let retry = RetryPolicy::new(&idempotent)
-            .map_err(|e| PyValueError::new_err(format!("invalid --idempotent glob: {e:?}")))?;
+            .map_err(|e| PyValueError::new_err(format!("invalid --idempotent glob: {e}")))?;
         log::set_level(log_level);
+        let tls = match tls_dir {
+            None => None,
+            Some(dir) => {
+                let tls = Tls::load(&dir)
+                    .map_err(|e| PyValueError::new_err(format!("--tls-dir: {e}")))?;
+                let named = tls.current().service.clone();
+                if named != service {
+                    return Err(PyValueError::new_err(format!(
+                        "--tls-dir {}: the certificate is for service '{named}', not '{service}'",
+                        dir.display()
+                    )));
+                }
+                Some(Arc::new(tls))
+            }
+        };
         let config = PlaneConfig {
             service,
             app,
@@ -62,6 +79,7 @@ impl DataPlane {
             ejection: EjectionPolicy::default(),
             load_factor_pct: 125,
             tracing,
+            tls,
         };
         Ok(DataPlane {
             plane: Plane::new(config),
@@ -165,6 +183,15 @@ impl DataPlane {
         Ok(())
     }
 
+    /// The authz/ records in force: service -> the callers it allows.
+    fn set_authz(&self, rules: HashMap<String, Vec<String>>) {
+        let rules = rules
+            .into_iter()
+            .map(|(service, callers)| (service, callers.into_iter().collect()))
+            .collect();
+        self.plane.authz.store(Arc::new(rules));
+    }
+
     fn set_registered(&self, registered: bool) {
         self.plane.set_registered(registered);
     }
@@ -219,6 +246,7 @@ impl DataPlane {
             s.retries_in_flight_peak.load(Relaxed),
         )?;
         d.set_item("ejections", s.ejections.load(Relaxed))?;
+        d.set_item("authz_denied", s.authz_denied.load(Relaxed))?;
         let inflight = PyDict::new(py);
         inflight.set_item("inbound", plane.inbound.inflight())?;
         inflight.set_item("outbound", plane.outbound_inflight())?;

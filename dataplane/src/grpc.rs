@@ -30,6 +30,7 @@ pub const SERVICE: HeaderName = HeaderName::from_static("ringmesh-service");
 pub const HASH_KEY: HeaderName = HeaderName::from_static("ringmesh-hash-key");
 pub const IDEMPOTENT: HeaderName = HeaderName::from_static("ringmesh-idempotent");
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub const CALLER: HeaderName = HeaderName::from_static("ringmesh-caller");
 
 /// Who is upstream of a hop, for the mesh's own trailers: another sidecar
 /// (whose `ringmesh-not-processed` is passed on) or an app (whose never is:

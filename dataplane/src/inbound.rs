@@ -41,6 +41,7 @@ pub fn not_grpc(request: &Request<Incoming>) -> Option<Response<RelayBody>> {
 
 pub async fn serve(
     plane: Arc<Plane>,
+    caller: Option<Arc<str>>,
     request: Request<Incoming>,
 ) -> Result<Response<RelayBody>, RelayError> {
     let started = Instant::now();
@@ -61,19 +62,32 @@ pub async fn serve(
     let (parts, body) = request.into_parts();
     let Begun {
         path,
-        headers,
+        mut headers,
         mut ending,
         ..
     } = match call::begin(&plane, &parts, Direction::Inbound, started) {
         Ok(begun) => begun,
         Err(rejected) => return Ok(*rejected),
     };
+    if let Err(why) = plane.authorize(caller.as_deref()) {
+        plane
+            .stats
+            .authz_denied
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(ending.reject(grpc::PERMISSION_DENIED, &why));
+    }
+    if let Some(caller) = caller.as_deref() {
+        if let Ok(value) = HeaderValue::from_str(caller) {
+            headers.insert(grpc::CALLER, value);
+        }
+    }
     let replay = Replay::new(body, 0);
     ending.attempt_started(Hold::App);
     let remaining = ending.remaining(Instant::now());
     let sent = relay::attempt(AttemptRequest {
         pool: &plane.app,
         address: &app,
+        service: None,
         path: &path,
         headers: &headers,
         replay: &replay,

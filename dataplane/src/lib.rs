@@ -21,6 +21,7 @@ pub mod relay;
 pub mod server;
 pub mod snapshot;
 pub mod stats;
+pub mod tls;
 pub mod trace;
 
 pub mod balance;

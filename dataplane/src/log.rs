@@ -35,11 +35,13 @@ fn write(level: u8, name: &str, message: &str) {
     let _ = std::io::stderr().lock().write_all(line.as_bytes());
 }
 
-/// `2026-12-01 11:05:52,123`, in UTC.
 fn timestamp() -> String {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
+    utc(SystemTime::now())
+}
+
+/// `2026-12-01 11:05:52,123`, in UTC.
+pub fn utc(at: SystemTime) -> String {
+    let now = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = now.as_secs();
     let (days, rest) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);

@@ -210,6 +210,7 @@ pub async fn serve(
         let sent = relay::attempt(AttemptRequest {
             pool: &plane.peers,
             address: &address,
+            service: Some(&plan.service),
             path: &path,
             headers: &headers,
             replay: &replay,

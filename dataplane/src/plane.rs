@@ -15,6 +15,7 @@ use crate::pool::Pool;
 use crate::retry::RetryPolicy;
 use crate::snapshot::{lock, ServiceState, Snapshot};
 use crate::stats::Stats;
+use crate::tls::Tls;
 use crate::trace::Spans;
 
 /// What the sidecar tells the data plane once, at start.
@@ -28,6 +29,8 @@ pub struct PlaneConfig {
     pub load_factor_pct: u64,
     /// Record a span per hop (only when the control plane exports them).
     pub tracing: bool,
+    /// Mutual TLS between sidecars (None: plaintext).
+    pub tls: Option<Arc<Tls>>,
 }
 
 /// What grpc.health.v1 says for the inbound side.
@@ -116,6 +119,8 @@ pub struct Plane {
     pub peers: Pool,
     pub app: Pool,
     pub spans: Spans,
+    /// authz/<service> records: service -> the callers it allows (no entry: every peer).
+    pub authz: ArcSwap<HashMap<String, HashSet<String>>>,
     registered: AtomicBool,
     draining: AtomicBool,
     app_up: AtomicBool,
@@ -126,6 +131,7 @@ pub struct Plane {
 impl Plane {
     pub fn new(config: PlaneConfig) -> Arc<Plane> {
         let budget = RetryBudget::new(config.retry.budget_ratio, config.retry.budget_min);
+        let peers = Pool::new(config.tls.clone());
         let (health, _) = watch::channel(Health::NotServing);
         Arc::new(Plane {
             config,
@@ -134,9 +140,10 @@ impl Plane {
             stats: Stats::default(),
             budget,
             inbound: InboundLoad::new(),
-            peers: Pool::new(),
-            app: Pool::new(),
+            peers,
+            app: Pool::new(None),
             spans: Spans::default(),
+            authz: ArcSwap::from_pointee(HashMap::new()),
             registered: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             app_up: AtomicBool::new(true),
@@ -172,6 +179,32 @@ impl Plane {
             .collect();
         self.routes.store(Arc::new(snapshot));
         self.peers.retain(&addresses);
+    }
+
+    /// Who may call this sidecar's service: a caller outside a record's list is denied.
+    pub fn authorize(&self, caller: Option<&str>) -> Result<(), String> {
+        let rules = self.authz.load();
+        let Some(allowed) = rules.get(&self.config.service) else {
+            return Ok(()); // no record: every mesh peer
+        };
+        let rule = format!("authz/{}", self.config.service);
+        match caller {
+            Some(caller) if allowed.contains(caller) => Ok(()),
+            Some(caller) => {
+                let mut list: Vec<&str> = allowed.iter().map(String::as_str).collect();
+                list.sort_unstable();
+                Err(format!(
+                    "caller '{caller}' may not call service '{}': {rule} allows [{}]",
+                    self.config.service,
+                    list.join(", ")
+                ))
+            }
+            None => Err(format!(
+                "{rule} limits who may call service '{}', and this caller has no mesh identity \
+                 (mutual TLS, --tls-dir, names callers)",
+                self.config.service
+            )),
+        }
     }
 
     pub fn set_registered(&self, registered: bool) {

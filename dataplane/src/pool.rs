@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::body::ReplayBody;
 use crate::snapshot::lock;
+use crate::tls::{self, Identity, Tls};
 
 /// After a failed connect, calls to the same address fail at once for this long
 /// instead of each waiting for its own connect: they fail over sooner.
@@ -30,36 +31,55 @@ pub struct ConnectError(pub String);
 type Sender = SendRequest<ReplayBody>;
 
 struct Upstream {
+    /// The service the peer at this address must prove it is (with TLS).
+    service: Option<String>,
     /// Held across a connect: concurrent calls to a new peer share one connection.
     sender: tokio::sync::Mutex<Option<Sender>>,
     failed: Mutex<Option<(Instant, ConnectError)>>,
 }
 
+/// Connections to peer sidecars (mutual TLS when the mesh has certificates) or
+/// to the app (always plaintext: it is on loopback).
 #[derive(Default)]
 pub struct Pool {
     upstreams: Mutex<HashMap<String, Arc<Upstream>>>,
+    tls: Option<Arc<Tls>>,
 }
 
 impl Pool {
-    pub fn new() -> Self {
-        Pool::default()
+    pub fn new(tls: Option<Arc<Tls>>) -> Self {
+        Pool {
+            upstreams: Mutex::new(HashMap::new()),
+            tls,
+        }
     }
 
-    fn upstream(&self, address: &str) -> Arc<Upstream> {
-        lock(&self.upstreams)
-            .entry(address.to_owned())
-            .or_insert_with(|| {
-                Arc::new(Upstream {
-                    sender: tokio::sync::Mutex::new(None),
-                    failed: Mutex::new(None),
-                })
-            })
-            .clone()
+    fn upstream(&self, address: &str, service: Option<&str>) -> Arc<Upstream> {
+        let mut upstreams = lock(&self.upstreams);
+        if let Some(upstream) = upstreams.get(address) {
+            if upstream.service.as_deref() == service {
+                return upstream.clone();
+            }
+        }
+        // New, or the address now belongs to another service: a new connection.
+        let upstream = Arc::new(Upstream {
+            service: service.map(str::to_owned),
+            sender: tokio::sync::Mutex::new(None),
+            failed: Mutex::new(None),
+        });
+        upstreams.insert(address.to_owned(), upstream.clone());
+        upstream
     }
 
-    /// A sender on a live connection to `address`, connecting within `wait` if needed.
-    pub async fn get(&self, address: &str, wait: Duration) -> Result<Sender, ConnectError> {
-        let upstream = self.upstream(address);
+    /// A sender on a live connection to `address` (an instance of `service`:
+    /// with TLS, its certificate must say so), connecting within `wait` if needed.
+    pub async fn get(
+        &self,
+        address: &str,
+        service: Option<&str>,
+        wait: Duration,
+    ) -> Result<Sender, ConnectError> {
+        let upstream = self.upstream(address, service);
         let deadline = tokio::time::Instant::now() + wait;
         let mut slot = match tokio::time::timeout_at(deadline, upstream.sender.lock()).await {
             Ok(slot) => slot,
@@ -81,7 +101,11 @@ impl Pool {
                 return Err(err);
             }
         }
-        match tokio::time::timeout_at(deadline, connect(address)).await {
+        let tls = match (&self.tls, service) {
+            (Some(tls), Some(service)) => Some((tls.current(), service)),
+            _ => None,
+        };
+        match tokio::time::timeout_at(deadline, connect(address, tls)).await {
             Ok(Ok(sender)) => {
                 *lock(&upstream.failed) = None;
                 *slot = Some(sender.clone());
@@ -108,11 +132,32 @@ impl Pool {
     }
 }
 
-async fn connect(address: &str) -> Result<Sender, ConnectError> {
+async fn connect(
+    address: &str,
+    tls: Option<(Arc<Identity>, &str)>,
+) -> Result<Sender, ConnectError> {
     let stream = TcpStream::connect(address)
         .await
         .map_err(|e| ConnectError(format!("cannot connect to {address}: {e}")))?;
     let _ = stream.set_nodelay(true);
+    match tls {
+        None => handshake(address, stream).await,
+        Some((identity, service)) => {
+            let name = tls::server_name(service).map_err(|e| ConnectError(e.0))?;
+            let stream = identity
+                .connector
+                .connect(name, stream)
+                .await
+                .map_err(|e| ConnectError(format!("TLS with {address} failed: {e}")))?;
+            handshake(address, stream).await
+        }
+    }
+}
+
+async fn handshake<S>(address: &str, stream: S) -> Result<Sender, ConnectError>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let (heard, first_bytes) = oneshot::channel();
     let stream = FirstRead {
         inner: stream,
@@ -145,12 +190,12 @@ async fn connect(address: &str) -> Result<Sender, ConnectError> {
 }
 
 /// A socket that says when the peer's first bytes arrive.
-struct FirstRead {
-    inner: TcpStream,
+struct FirstRead<S> {
+    inner: S,
     heard: Option<oneshot::Sender<()>>,
 }
 
-impl AsyncRead for FirstRead {
+impl<S: AsyncRead + Unpin> AsyncRead for FirstRead<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -167,7 +212,7 @@ impl AsyncRead for FirstRead {
     }
 }
 
-impl AsyncWrite for FirstRead {
+impl<S: AsyncWrite + Unpin> AsyncWrite for FirstRead<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -62,6 +62,8 @@ pub fn forwarded_headers(parts: &Parts) -> HeaderMap {
         headers.remove(name);
     }
     headers.remove(grpc::GRPC_TIMEOUT);
+    // Only a sidecar says who is calling, from the caller's certificate.
+    headers.remove(grpc::CALLER);
     headers
 }
 
@@ -78,6 +80,8 @@ pub fn returned_headers(mut headers: HeaderMap, upstream: grpc::Mesh) -> HeaderM
 pub struct AttemptRequest<'a> {
     pub pool: &'a Pool,
     pub address: &'a str,
+    /// The service the upstream must prove it is (mutual TLS); None for the app.
+    pub service: Option<&'a str>,
     pub path: &'a str,
     pub headers: &'a HeaderMap,
     pub replay: &'a Replay,
@@ -86,7 +90,7 @@ pub struct AttemptRequest<'a> {
 }
 
 pub async fn attempt(r: AttemptRequest<'_>) -> Attempt {
-    let mut sender = match r.pool.get(r.address, r.connect_wait).await {
+    let mut sender = match r.pool.get(r.address, r.service, r.connect_wait).await {
         Ok(sender) => sender,
         Err(err) => {
             return Attempt::Failed {

@@ -10,7 +10,7 @@ use http_body_util::BodyExt;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -26,12 +26,15 @@ use crate::grpc;
 use crate::plane::Plane;
 use crate::pool::{CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, STREAM_WINDOW};
 use crate::snapshot::lock;
+use crate::tls::{self, Tls};
 use crate::{inbound, log, outbound};
 
 /// Streams one connection may have open at once; more wait (HTTP/2 flow control).
 const MAX_STREAMS: u32 = 1024;
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A client that has not finished its TLS handshake by then is not a mesh peer.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -117,14 +120,23 @@ async fn accept(
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, from)) => {
                     let _ = stream.set_nodelay(true);
-                    let plane = plane.clone();
-                    let service = service_fn(move |request| handle(plane.clone(), side, request));
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    let watched = graceful.watch(connection);
-                    // A connection's errors (garbage, a reset) end that connection only.
-                    tokio::spawn(async move { let _ = watched.await; });
+                    let tls = match side {
+                        Side::Inbound => plane.config.tls.clone(),
+                        Side::Outbound => None, // the app's leg: plaintext on loopback
+                    };
+                    // A connection's errors (garbage, a reset, a failed handshake)
+                    // end that connection only.
+                    tokio::spawn(serve_connection(
+                        plane.clone(),
+                        side,
+                        stream,
+                        from,
+                        tls,
+                        builder.clone(),
+                        graceful.watcher(),
+                    ));
                 }
                 Err(err) => {
                     // Out of file descriptors, most likely: breathe, then go on.
@@ -139,14 +151,72 @@ async fn accept(
     graceful.shutdown().await;
 }
 
+/// Serve one accepted connection; with TLS, only a mesh peer's, whose
+/// certificate names the calling service.
+async fn serve_connection(
+    plane: Arc<Plane>,
+    side: Side,
+    stream: tokio::net::TcpStream,
+    from: SocketAddr,
+    tls: Option<Arc<Tls>>,
+    builder: http2::Builder<TokioExecutor>,
+    watcher: Watcher,
+) {
+    let Some(tls) = tls else {
+        let service = service_fn(move |request| handle(plane.clone(), side, None, request));
+        let _ = watcher
+            .watch(builder.serve_connection(TokioIo::new(stream), service))
+            .await;
+        return;
+    };
+    let identity = tls.current();
+    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, identity.acceptor.accept(stream))
+        .await
+    {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            log::info(&format!(
+                "refused a connection from {from}: TLS handshake failed: {err}"
+            ));
+            return;
+        }
+        Err(_) => {
+            log::info(&format!(
+                "refused a connection from {from}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
+            ));
+            return;
+        }
+    };
+    let caller = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(tls::service_of);
+    let caller: Arc<str> = match caller {
+        Some(Ok(service)) => service.into(),
+        Some(Err(err)) => {
+            log::info(&format!("refused a connection from {from}: {err}"));
+            return;
+        }
+        None => return,
+    };
+    let service =
+        service_fn(move |request| handle(plane.clone(), side, Some(caller.clone()), request));
+    let _ = watcher
+        .watch(builder.serve_connection(TokioIo::new(stream), service))
+        .await;
+}
+
 fn handle(
     plane: Arc<Plane>,
     side: Side,
+    caller: Option<Arc<str>>,
     request: Request<Incoming>,
 ) -> Pin<Box<dyn Future<Output = Result<Response<RelayBody>, RelayError>> + Send>> {
     match side {
         Side::Outbound => Box::pin(outbound::serve(plane, request)),
-        Side::Inbound => Box::pin(inbound::serve(plane, request)),
+        Side::Inbound => Box::pin(inbound::serve(plane, caller, request)),
     }
 }
 
@@ -157,9 +227,12 @@ pub async fn probes(plane: Arc<Plane>) {
     tick.tick().await;
     loop {
         tick.tick().await;
+        if let Some(tls) = &plane.config.tls {
+            tls.reload_if_changed();
+        }
         probe_peers(&plane).await;
         if let Some(app) = plane.config.app.as_deref() {
-            if !plane.app_up() && plane.app.get(app, PROBE_TIMEOUT).await.is_ok() {
+            if !plane.app_up() && plane.app.get(app, None, PROBE_TIMEOUT).await.is_ok() {
                 plane.note_app(true);
             }
         }
@@ -174,7 +247,7 @@ async fn probe_peers(plane: &Plane) {
             let Some(peer) = routes.peers.iter().find(|p| p.id == id) else {
                 continue;
             };
-            if serving(plane, &peer.address).await {
+            if serving(plane, &routes.name, &peer.address).await {
                 log::info(&format!(
                     "{}/{} passed its health probe: back in rotation",
                     routes.name, id
@@ -186,9 +259,13 @@ async fn probe_peers(plane: &Plane) {
 }
 
 /// Does the sidecar at `address` answer SERVING to a grpc.health.v1 check?
-pub async fn serving(plane: &Plane, address: &str) -> bool {
+pub async fn serving(plane: &Plane, service: &str, address: &str) -> bool {
     let probe = async {
-        let mut sender = plane.peers.get(address, PROBE_TIMEOUT).await.ok()?;
+        let mut sender = plane
+            .peers
+            .get(address, Some(service), PROBE_TIMEOUT)
+            .await
+            .ok()?;
         let mut request = Request::new(ReplayBody::once(grpc::frame_message(b"")));
         *request.method_mut() = http::Method::POST;
         *request.version_mut() = Version::HTTP_2;

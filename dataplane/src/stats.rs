@@ -137,6 +137,8 @@ pub struct Stats {
     pub retry_budget_exhausted: AtomicU64,
     pub retries_in_flight_peak: AtomicU64,
     pub ejections: AtomicU64,
+    /// Inbound calls refused by an authz/ record.
+    pub authz_denied: AtomicU64,
     pub server: Durations,
     pub client: Durations,
 }
