@@ -15,6 +15,7 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 
 use crate::balance::PeerLoad;
 use crate::call::Direction;
+use crate::driver::Driver;
 use crate::eject::EjectionPolicy;
 use crate::log;
 use crate::plane::{Plane, PlaneConfig};
@@ -38,7 +39,7 @@ type ServiceArg<'py> = (
 #[pyclass(frozen)]
 struct DataPlane {
     plane: Arc<Plane>,
-    runtime: Mutex<Option<tokio::runtime::Runtime>>,
+    runtime: Mutex<Option<Driver>>,
     servers: Mutex<Vec<Server>>,
 }
 
@@ -111,15 +112,11 @@ impl DataPlane {
             port(&outbound_listener),
             inbound_listener.as_ref().map(port),
         );
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
-            .thread_name("ringmesh-dataplane")
-            .enable_all()
-            .build()
+        let runtime = Driver::start(threads)
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the data plane: {e}")))?;
         let mut servers = Vec::new();
         {
-            let _entered = runtime.enter();
+            let _entered = runtime.handle().enter();
             let start = |l, side| {
                 Server::start(l, self.plane.clone(), side)
                     .map_err(|e| PyOSError::new_err(e.to_string()))
@@ -128,7 +125,7 @@ impl DataPlane {
             if let Some(listener) = inbound_listener {
                 servers.push(start(listener, Side::Inbound)?);
             }
-            runtime.spawn(server::probes(self.plane.clone()));
+            runtime.handle().spawn(server::probes(self.plane.clone()));
         }
         *lock(&self.servers) = servers;
         *runtime_slot = Some(runtime);
@@ -291,14 +288,14 @@ impl DataPlane {
     fn shutdown(&self, py: Python<'_>, grace: f64) {
         let servers = std::mem::take(&mut *lock(&self.servers));
         let runtime = lock(&self.runtime).take();
-        let Some(runtime) = runtime else { return };
+        let Some(mut runtime) = runtime else { return };
         let grace = Duration::from_secs_f64(if grace.is_finite() {
             grace.max(0.0)
         } else {
             0.0
         });
         py.detach(|| {
-            runtime.block_on(async {
+            let drain = async move {
                 for server in &servers {
                     server.stop();
                 }
@@ -308,10 +305,11 @@ impl DataPlane {
                     }
                 };
                 let _ = tokio::time::timeout(grace, drained).await;
-            });
+            };
+            runtime.run_blocking(drain, grace + Duration::from_secs(1));
             self.plane.peers.clear();
             self.plane.app.clear();
-            runtime.shutdown_timeout(Duration::from_secs(1));
+            runtime.stop();
         });
     }
 }

@@ -4,13 +4,9 @@
 #[cfg(feature = "python")]
 mod binding;
 
-/// The extension module's own allocations (the relay's buffers and frames).
-#[cfg(feature = "python")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 pub mod body;
 pub mod call;
+pub mod driver;
 pub mod grpc;
 pub mod inbound;
 pub mod log;

@@ -170,23 +170,22 @@ async fn serve_connection(
         return;
     };
     let identity = tls.current();
-    let stream = match tokio::time::timeout(HANDSHAKE_TIMEOUT, identity.acceptor.accept(stream))
-        .await
-    {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => {
-            log::info(&format!(
-                "refused a connection from {from}: TLS handshake failed: {err}"
-            ));
-            return;
-        }
-        Err(_) => {
-            log::info(&format!(
+    let stream =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, identity.acceptor.accept(stream)).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                log::info(&format!(
+                    "refused a connection from {from}: TLS handshake failed: {err}"
+                ));
+                return;
+            }
+            Err(_) => {
+                log::info(&format!(
                 "refused a connection from {from}: no TLS handshake within {HANDSHAKE_TIMEOUT:?}"
             ));
-            return;
-        }
-    };
+                return;
+            }
+        };
     let caller = stream
         .get_ref()
         .1
