@@ -316,3 +316,19 @@ def test_a_client_only_sidecar_routes_and_registers_nothing(conf: Conformance) -
     assert replies == [b"hello"]
     ready = conf.client.wait_event("ready")
     assert "inbound" not in ready and "address" not in ready
+
+
+def test_the_inbound_port_answers_grpc_health_check_and_watch(conf: Conformance) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    address = conf.app_sidecar.wait_event("registered")["address"]
+    serving = health_pb2.HealthCheckResponse.SERVING
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        assert stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == serving
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Check(health_pb2.HealthCheckRequest(service="nosuch"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = stub.Watch(health_pb2.HealthCheckRequest(), timeout=5)
+        assert next(watch).status == serving
+        watch.cancel()
