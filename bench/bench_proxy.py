@@ -5,18 +5,23 @@ One run starts one demo app (``ringmesh.demo``) and, in front of it, every path:
 * ``direct``: client -> app;
 * ``mesh``: client -> client sidecar (outbound) -> echo sidecar (inbound) -> app, both
   sidecars ``ringmesh sidecar`` on the native data plane (this tree);
+* ``mesh-mtls``: the same two native hops, both sidecars with ``--tls-dir`` (certificates
+  made for the run with ``ringmesh certs``), so the sidecar-to-sidecar leg is mutual TLS;
 * ``grpcaio``: the same two hops through the grpc.aio plane of commit 1a56072 (the last
   one before the native plane), run from a git worktree of it;
 * ``nginx``: client -> nginx ``grpc_pass`` (upstream keepalive) -> app, one hop;
 * ``nginx2``: client -> nginx -> nginx -> app, two hops like the meshes.
 
-Both planes register in one embedded etcd, under prefixes of their own. The client is
+All three meshes register in one embedded etcd, under prefixes of their own. The client is
 bench/loadgen (Rust, h2 on one thread, one HTTP/2 connection): closed-loop callers at
 each concurrency. Every case (a workload on a path) runs once per round, the paths
 round-robin within each workload, rotated by one each round, so machine noise hits every
 path alike; figures are medians across rounds. CPU per call of every process comes from
 ``/proc/<pid>/stat`` (utime + stime) over each measured window, RSS from
-``/proc/<pid>/status``. Prints tables and writes ``bench/results/proxy.json``
+``/proc/<pid>/status``. Apart from the rounds, each round also opens short-lived
+connections straight to the echo sidecars' inbound ports (TLS with a mesh certificate, and
+plaintext) and reads the sidecar's CPU per new connection: the handshake's cost, which the
+pooled sidecar-to-sidecar connection hides from the rows. Prints tables and writes ``bench/results/proxy.json``
 (``--save``: also ``bench/proxy-results.json`` and ``bench/proxy-results.png``).
 
 Run: ``python -m bench.bench_proxy [--rounds 5] [--duration 3] [--warmup 1]``;
@@ -33,6 +38,8 @@ import os
 import platform
 import shutil
 import signal
+import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -53,12 +60,14 @@ from dataplane import build_profile
 from proto import demo_pb2, demo_pb2_grpc
 from registry.embedded import EmbeddedEtcd
 from registry.errors import MeshError
-from ringmesh.procs import Child, demo_app, sidecar
+from ringmesh.procs import Child, demo_app, python_module, sidecar
 from sidecar.ring import DEFAULT_VNODES, BoundedRing, Peer
 
 SERVICE = "echo"
+CLIENT_SERVICE = "client"  # the client sidecar's service (and certificate)
 NATIVE_PREFIX = "/ringmesh-bench/native/v1"
 GRPCAIO_PREFIX = "/ringmesh-bench/grpcaio/v1"
+MTLS_PREFIX = "/ringmesh-bench/mtls/v1"
 OLD_COMMIT = "1a56072"  # the last commit before the native data plane
 N_KEYS = 4096
 CALL_TIMEOUT = 10.0
@@ -69,10 +78,11 @@ SAVED_JSON = HERE / "proxy-results.json"
 SAVED_PNG = HERE / "proxy-results.png"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-ALL_PATHS = ("direct", "mesh", "grpcaio", "nginx", "nginx2")
+ALL_PATHS = ("direct", "mesh", "mesh-mtls", "grpcaio", "nginx", "nginx2")
 PATH_HELP = {
     "direct": "client -> app",
     "mesh": "client -> client sidecar -> echo sidecar -> app (native plane)",
+    "mesh-mtls": "the same two native hops, both sidecars --tls-dir: mTLS between them",
     "grpcaio": f"the same two hops, grpc.aio plane of commit {OLD_COMMIT}",
     "nginx": "client -> nginx grpc_pass (upstream keepalive 64) -> app",
     "nginx2": "client -> nginx -> nginx -> app",
@@ -97,6 +107,19 @@ def cpu_ticks(pid: int) -> int:
     # The command name (field 2) may hold spaces: count fields after its ')'.
     fields = stat[stat.rindex(")") + 2 :].split()
     return int(fields[11]) + int(fields[12])  # fields 14 (utime) and 15 (stime)
+
+
+def run_ns(pid: int) -> dict[int, int]:
+    """Nanoseconds on a CPU of each thread of a process (``/proc/<pid>/task/*/schedstat``,
+    the scheduler's own clock): no 10 ms ticks, for windows too short to count them in."""
+    out = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with (
+            contextlib.suppress(OSError, ValueError),
+            open(f"/proc/{pid}/task/{task}/schedstat") as f,
+        ):
+            out[int(task)] = int(f.read().split()[0])
+    return out
 
 
 def rss_mb(pid: int) -> float:
@@ -211,6 +234,8 @@ class Stack:
         self.routes: dict[str, Route] = {}
         self.notices: list[str] = []
         self.nginx_version = ""
+        self.inbound: dict[str, str] = {}  # plane -> its echo sidecar's inbound host:port
+        self.certs: Path | None = None  # the run's mesh CA dir (ringmesh certs), if made
 
     def log(self, name: str) -> IO[bytes]:
         f = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - closed by the exit stack
@@ -249,25 +274,46 @@ def start_plane(
     *,
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
+    certs: Path | None = None,
 ) -> str:
-    """An echo sidecar and a client sidecar in front of ``app``; the client's outbound."""
+    """An echo sidecar and a client sidecar in front of ``app``; the client's outbound.
+    With ``certs`` (a ``ringmesh certs`` dir), each sidecar gets ``--tls-dir certs/SERVICE``."""
     started = []
-    for role, service in (("echo", SERVICE), ("client", "client")):
+    for role, service in (("echo", SERVICE), ("client", CLIENT_SERVICE)):
         name = f"{plane}_{role}_sidecar"
+        tls = ("--tls-dir", str(certs / service)) if certs is not None else ()
 
-        def start(service: str = service, name: str = name) -> Child:
+        def start(service: str = service, name: str = name, tls: tuple[str, ...] = tls) -> Child:
             # `python -m ringmesh` imports from the current directory first.
             with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext():
                 return sidecar(
                     service, app, etcd_url, "--prefix", prefix,
-                    "--instance-id", f"{service}-1",
+                    "--instance-id", f"{service}-1", *tls,
                     name=name, stderr=stack.log(name), env=env,
                 )  # fmt: skip
 
         started.append(stack.child(name, start))
     for side in started:
         side.wait_event("registered", timeout=30)
+    stack.inbound[plane] = str(started[0].wait_event("registered")["inbound"])
     return str(started[1].wait_event("registered")["outbound"])
+
+
+def make_certs(stack: Stack) -> Path:
+    """A mesh CA and one certificate per sidecar service, made with the CLI in a temp dir
+    (removed after the sidecars stop: the exit stack unwinds in reverse)."""
+    root = Path(stack.exits.enter_context(tempfile.TemporaryDirectory(prefix="ringmesh-pki-")))
+    for args in (
+        ("init", str(root)),
+        *(("issue", str(root), s) for s in (SERVICE, CLIENT_SERVICE)),
+    ):
+        done = subprocess.run(
+            python_module("ringmesh", "certs", *args),
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"ringmesh certs {args[0]} failed: {done.stderr.strip()}")
+    return root
 
 
 @contextlib.contextmanager
@@ -351,6 +397,13 @@ def start_everything(stack: Stack, args: argparse.Namespace) -> None:
         print("starting the native plane's two sidecars ...", flush=True)
         outbound = start_plane(stack, "mesh", app, etcd.url, NATIVE_PREFIX)
         stack.routes["mesh"] = Route("mesh", outbound, ("mesh_client_sidecar", "mesh_echo_sidecar"))
+    if "mesh-mtls" in paths:
+        print("making certificates (ringmesh certs) and starting the mTLS sidecars ...", flush=True)
+        stack.certs = make_certs(stack)
+        outbound_tls = start_plane(stack, "mtls", app, etcd.url, MTLS_PREFIX, certs=stack.certs)
+        stack.routes["mesh-mtls"] = Route(
+            "mesh-mtls", outbound_tls, ("mtls_client_sidecar", "mtls_echo_sidecar")
+        )
     if "grpcaio" in paths:
         print(f"starting the grpc.aio plane's two sidecars (worktree of {args.old_commit}) ...")
         outbound_old = start_grpcaio(stack, app, etcd.url, args.old_commit)
@@ -365,7 +418,7 @@ def start_everything(stack: Stack, args: argparse.Namespace) -> None:
         try:
             wait_route(route)
         except RuntimeError as exc:
-            if route.path in ("direct", "mesh"):
+            if route.path in ("direct", "mesh", "mesh-mtls"):
                 raise
             stack.notices.append(f"{route.path}: skipped, {exc}")
             del stack.routes[route.path]
@@ -462,8 +515,11 @@ def measure(
 
 def run_rounds(
     stack: Stack, binary: Path, works: Sequence[Workload], args: argparse.Namespace
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every case once per round, then (``--handshakes``) the new-connection batches."""
     runs: list[dict[str, Any]] = []
+    handshakes: list[dict[str, Any]] = []
+    connecting = handshake_targets(stack) if args.handshakes > 0 else []
     log = stack.log("loadgen")
     total = args.rounds * sum(len([p for p in w.paths if p in stack.routes]) for w in works)
     for r in range(args.rounds):
@@ -473,7 +529,7 @@ def run_rounds(
             for path in paths[k:] + paths[:k]:  # round-robin, rotated by one each round
                 print(
                     f"  [{len(runs) + 1:>3}/{total}] round {r + 1}: {work.label:<16} "
-                    f"c={work.concurrency:<3} {path:<8}",
+                    f"c={work.concurrency:<3} {path:<9}",
                     end="",
                     flush=True,
                 )
@@ -486,7 +542,173 @@ def run_rounds(
                     flush=True,
                 )
                 runs.append(run)
-    return runs
+        k = r % max(len(connecting), 1)
+        for hs in connecting[k:] + connecting[:k]:  # the order swapped each round
+            print(
+                f"  handshakes round {r + 1}: {hs.mode:<9} x {args.handshakes} -> {hs.sidecar:<18}",
+                end="",
+                flush=True,
+            )
+            batch = handshake_batch(stack, hs, args.handshakes, r + 1)
+            stack.alive()
+            print(
+                f" {batch['cpu_us_per_conn']:7.1f} µs CPU/conn "
+                f"({batch['run_ns_us_per_conn']:.1f} by schedstat)",
+                flush=True,
+            )
+            handshakes.append(batch)
+    return runs, handshakes
+
+
+# -- new connections: what a handshake costs -----------------------------------------------
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_EMPTY_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # length 0, SETTINGS, stream 0
+HANDSHAKE_WARMUP = 10  # connections before each batch, not measured
+HANDSHAKE_SETTLE = 0.05  # s before the last reading: the sidecar ends the last connections
+
+
+@dataclass(frozen=True)
+class Handshake:
+    mode: str  # "plaintext" or "mtls"
+    sidecar: str  # the echo sidecar's process name
+    address: str  # its inbound host:port
+    context: ssl.SSLContext | None  # None: plaintext
+
+
+def client_tls(certs: Path) -> ssl.SSLContext:
+    """TLS 1.3 with the client service's mesh certificate, the server's chain checked
+    against the mesh CA. No hostname check: a mesh certificate names its service in a URI
+    SAN (the sidecars check that themselves), not a DNS name."""
+    mine = certs / CLIENT_SERVICE
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(mine / "ca.pem")
+    context.load_cert_chain(mine / "cert.pem", mine / "key.pem")
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def handshake_targets(stack: Stack) -> list[Handshake]:
+    out = []
+    if "mesh" in stack.inbound:
+        out.append(Handshake("plaintext", "mesh_echo_sidecar", stack.inbound["mesh"], None))
+    else:
+        stack.notices.append("handshakes: no plaintext figure (path mesh not run)")
+    if "mtls" in stack.inbound and stack.certs is not None:
+        context = client_tls(stack.certs)
+        out.append(Handshake("mtls", "mtls_echo_sidecar", stack.inbound["mtls"], context))
+    else:
+        stack.notices.append("handshakes: no mTLS figure (path mesh-mtls not run)")
+    return out
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise RuntimeError("the sidecar closed the connection before its SETTINGS")
+        data += chunk
+    return data
+
+
+def new_connection(address: str, context: ssl.SSLContext | None) -> None:
+    """One short-lived connection: TCP (+ the TLS handshake), the client's HTTP/2 preface
+    and SETTINGS, the server's SETTINGS read, closed."""
+    host, port = address.rsplit(":", 1)
+    raw = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
+    sock = raw
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if context is not None:
+            sock = context.wrap_socket(raw, server_hostname=f"{SERVICE}.ringmesh")
+            if sock.selected_alpn_protocol() != "h2":
+                raise RuntimeError(f"{address}: ALPN {sock.selected_alpn_protocol()!r}, not h2")
+        sock.sendall(H2_PREFACE + H2_EMPTY_SETTINGS)
+        header = recv_exact(sock, 9)
+        if header[3] != 0x4 or header[4] & 0x1:
+            raise RuntimeError(f"{address}: the first frame is type {header[3]}, not SETTINGS")
+        recv_exact(sock, int.from_bytes(header[:3], "big"))
+    finally:
+        sock.close()
+        raw.close()
+
+
+def handshake_batch(stack: Stack, hs: Handshake, n: int, no: int) -> dict[str, Any]:
+    """``n`` new connections to one echo sidecar's inbound port, one after the other, and
+    that sidecar's CPU over them (utime+stime, and the scheduler's ns clock)."""
+    pid = stack.children[hs.sidecar].pid
+    try:
+        for _ in range(HANDSHAKE_WARMUP):
+            new_connection(hs.address, hs.context)
+        time.sleep(HANDSHAKE_SETTLE)
+        ticks0, ns0 = cpu_ticks(pid), run_ns(pid)
+        wall0, own0 = time.perf_counter(), time.thread_time()
+        for _ in range(n):
+            new_connection(hs.address, hs.context)
+        wall, own = time.perf_counter() - wall0, time.thread_time() - own0
+        time.sleep(HANDSHAKE_SETTLE)
+        ticks1, ns1 = cpu_ticks(pid), run_ns(pid)
+    except (OSError, ssl.SSLError) as exc:
+        raise RuntimeError(
+            f"handshakes ({hs.mode}) with {hs.sidecar} at {hs.address}: {exc}"
+        ) from None
+    ticks = ticks1 - ticks0
+    # A thread gone between the readings took its time with it: no figure then.
+    ns = sum(v - ns0.get(t, 0) for t, v in ns1.items()) if ns0.keys() <= ns1.keys() else math.nan
+    return {
+        "round": no,
+        "mode": hs.mode,
+        "sidecar": hs.sidecar,
+        "address": hs.address,
+        "connections": n,
+        "seconds": wall + HANDSHAKE_SETTLE,  # the window the sidecar's CPU was read over
+        "cpu_ticks": ticks,
+        "run_ns": ns,
+        "cpu_us_per_conn": ticks / CLK_TCK / n * 1e6,
+        "run_ns_us_per_conn": ns / 1e3 / n,
+        "wall_us_per_conn": wall / n * 1e6,
+        "client_cpu_us_per_conn": own / n * 1e6,  # this Python loop's own thread
+    }
+
+
+def summarize_handshakes(
+    batches: Sequence[dict[str, Any]], idle: Mapping[str, float]
+) -> dict[str, Any]:
+    """Pooled over every batch of a mode (sum of CPU / sum of connections: ticks of 10 ms
+    are coarse against one batch), with each batch's figure's median beside it."""
+    out: dict[str, Any] = {}
+    for mode in ("plaintext", "mtls"):
+        mine = [b for b in batches if b["mode"] == mode]
+        if not mine:
+            continue
+        conns = sum(b["connections"] for b in mine)
+        seconds = sum(b["seconds"] for b in mine)
+        sidecar_name = mine[0]["sidecar"]
+        out[mode] = {
+            "sidecar": sidecar_name,
+            "batches": len(mine),
+            "connections": conns,
+            "cpu_us_per_conn": sum(b["cpu_ticks"] for b in mine) / CLK_TCK / conns * 1e6,
+            "cpu_us_per_conn_median": median([b["cpu_us_per_conn"] for b in mine]),
+            "run_ns_us_per_conn": sum(b["run_ns"] for b in mine) / 1e3 / conns,
+            "run_ns_us_per_conn_median": median([b["run_ns_us_per_conn"] for b in mine]),
+            # The sidecar's idle background (ms per s, while direct ran) over the windows,
+            # per connection: inside both figures above, not taken out.
+            "idle_us_per_conn": idle.get(sidecar_name, math.nan) * seconds / conns * 1e3,
+            "wall_us_per_conn": median([b["wall_us_per_conn"] for b in mine]),
+            "client_cpu_us_per_conn": median([b["client_cpu_us_per_conn"] for b in mine]),
+        }
+    if "plaintext" in out and "mtls" in out:
+        tls, plain = out["mtls"], out["plaintext"]
+        out["mtls_minus_plaintext"] = {
+            key: tls[key] - plain[key]
+            for key in ("cpu_us_per_conn", "run_ns_us_per_conn", "wall_us_per_conn")
+        }
+    return out
 
 
 # -- summary -----------------------------------------------------------------------------
@@ -504,6 +726,7 @@ def summarize(runs: Sequence[dict[str, Any]], works: Sequence[Workload]) -> list
             r for r in runs if r["workload"] == work.name and r["concurrency"] == work.concurrency
         ]
         direct = {r["round"]: r for r in mine if r["path"] == "direct"}
+        plain = {r["round"]: r for r in mine if r["path"] == "mesh"}
         for path in ALL_PATHS:
             those = [r for r in mine if r["path"] == path]
             if not those:
@@ -547,7 +770,32 @@ def summarize(runs: Sequence[dict[str, Any]], works: Sequence[Workload]) -> list
                     "errors": sum(sum(r["errors"].values()) for r in those),
                 }
             )
+            if path == "mesh-mtls":
+                rows[-1]["vs_mesh"] = versus_mesh(those, plain)
     return rows
+
+
+def versus_mesh(
+    tls: Sequence[dict[str, Any]], plain: Mapping[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """mesh-mtls against mesh, paired in the same round, then the median."""
+    paired = [(r, plain[r["round"]]) for r in tls if r["round"] in plain]
+    if not paired:
+        return {"rounds": 0}
+    return {
+        "rounds": len(paired),
+        "per_hop_us_mesh": median([m["per_hop_us"] for _, m in paired]),
+        "per_hop_x": median(
+            [r["per_hop_us"] / m["per_hop_us"] for r, m in paired if m["per_hop_us"]]
+        ),
+        "per_hop_added_us": median([r["per_hop_us"] - m["per_hop_us"] for r, m in paired]),
+        "calls_x": median(
+            [r["calls_per_s"] / m["calls_per_s"] for r, m in paired if m["calls_per_s"]]
+        ),
+        "added_p50_per_hop_ms": median(
+            [(r["p50_ms"] - m["p50_ms"]) / max(r["hops"], 1) for r, m in paired]
+        ),
+    }
 
 
 def background(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -641,10 +889,11 @@ def bench_ring(peer_counts: Sequence[int], n_keys: int = 20_000) -> list[dict[st
 
 
 def fmt(value: float | None, spec: str, width: int) -> str:
-    """A number, or a dash for none (no calls, no such hop)."""
+    """A number, or a dash for none (no calls, no such hop); a spec may start with "+"."""
     if value is None or math.isnan(value):
         return f"{'-':>{width}}"
-    return f"{value:>{width}{spec}}"
+    sign, spec = ("+", spec[1:]) if spec.startswith("+") else ("", spec)
+    return f"{value:>{sign}{width}{spec}}"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -664,17 +913,17 @@ def render(result: dict[str, Any]) -> str:
     add(f"client: {result['client']['what']}")
     for path in cfg["paths"]:
         state = "" if path in result["ran"] else "   (not run)"
-        add(f"  {path:<8} {PATH_HELP[path]}{state}")
+        add(f"  {path:<9} {PATH_HELP[path]}{state}")
     if result.get("nginx_version"):
         add(f"  nginx {result['nginx_version']}, worker_processes 1")
     add("")
     add(
-        f"{'workload':<16}{'path':<9}{'hops':>4}{'conc':>5}{'calls/s':>9}{'x direct':>9}"
+        f"{'workload':<16}{'path':<10}{'hops':>4}{'conc':>5}{'calls/s':>9}{'x direct':>9}"
         f"{'p50 ms':>9}{'p99 ms':>9}{'+p50/hop':>9}{'errors':>7}"
     )
     for r in result["summary"]:
         add(
-            f"{r['label']:<16}{r['path']:<9}{r['hops']:>4}{r['concurrency']:>5}"
+            f"{r['label']:<16}{r['path']:<10}{r['hops']:>4}{r['concurrency']:>5}"
             f"{fmt(r['calls_per_s'], '.0f', 9)}{fmt(r['calls_vs_direct'], '.2f', 9)}"
             f"{fmt(r['p50_ms'], '.3f', 9)}{fmt(r['p99_ms'], '.3f', 9)}"
             f"{fmt(r['added_p50_per_hop_ms'], '.3f', 9)}"
@@ -687,14 +936,14 @@ def render(result: dict[str, Any]) -> str:
         f"{1e6 / CLK_TCK:.0f} µs); hop 1 = client sidecar / front nginx, hop 2 = echo sidecar"
     )
     add(
-        f"{'workload':<16}{'path':<9}{'conc':>5}{'client':>8}{'hop 1':>8}{'hop 2':>8}"
+        f"{'workload':<16}{'path':<10}{'conc':>5}{'client':>8}{'hop 1':>8}{'hop 2':>8}"
         f"{'app':>8}{'per hop':>9}{'RSS MB 1':>10}{'RSS MB 2':>10}{'host %':>8}"
     )
     for r in result["summary"]:
         hop = [*r["hop_us"], None, None]
         rss = [*r["hop_rss_mb_max"], None, None]
         add(
-            f"{r['label']:<16}{r['path']:<9}{r['concurrency']:>5}{fmt(r['client_us'], '.0f', 8)}"
+            f"{r['label']:<16}{r['path']:<10}{r['concurrency']:>5}{fmt(r['client_us'], '.0f', 8)}"
             f"{fmt(hop[0], '.0f', 8)}{fmt(hop[1], '.0f', 8)}{fmt(r['app_us'], '.0f', 8)}"
             f"{fmt(r['per_hop_us'], '.1f', 9)}{fmt(rss[0], '.1f', 10)}{fmt(rss[1], '.1f', 10)}"
             f"{fmt(r['host_busy_pct'], '.0f', 8)}"
@@ -706,6 +955,7 @@ def render(result: dict[str, Any]) -> str:
     if idle:
         cells = ", ".join(f"{name} {fmt(ms, '.1f', 0)}" for name, ms in idle.items())
         add(f"idle CPU, ms per s (while direct ran): {cells}")
+    out.extend(render_mtls(result))
     if result["targets"]:
         add("")
         add("native mesh targets:")
@@ -742,6 +992,77 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def render_mtls(result: dict[str, Any]) -> list[str]:
+    """mesh-mtls against mesh per row, and the handshake table."""
+    out: list[str] = []
+    add = out.append
+    rows = [r for r in result["summary"] if r["path"] == "mesh-mtls" and r["vs_mesh"]["rounds"]]
+    if rows:
+        add("")
+        add(
+            "mesh-mtls vs mesh (sidecar CPU per call per hop; paired in the same round, then the median)"
+        )
+        add(
+            f"{'workload':<16}{'conc':>5}{'mesh':>9}{'mTLS':>9}{'added':>9}{'x mesh':>8}"
+            f"{'calls/s x mesh':>16}{'+p50/hop ms':>13}"
+        )
+        for r in rows:
+            v = r["vs_mesh"]
+            add(
+                f"{r['label']:<16}{r['concurrency']:>5}{fmt(v['per_hop_us_mesh'], '.1f', 9)}"
+                f"{fmt(r['per_hop_us'], '.1f', 9)}{fmt(v['per_hop_added_us'], '+.1f', 9)}"
+                f"{fmt(v['per_hop_x'], '.2f', 8)}{fmt(v['calls_x'], '.2f', 16)}"
+                f"{fmt(v['added_p50_per_hop_ms'], '+.3f', 13)}"
+            )
+        add(
+            "(mesh, mTLS: µs per call per hop; added = mTLS - mesh; +p50/hop: (p50 - mesh's) / hops)"
+        )
+    hs = result.get("handshakes") or {}
+    summary = hs.get("summary") or {}
+    if not summary:
+        return out
+    cfg = hs["config"]
+    add("")
+    add(
+        "New connections to the echo sidecar's inbound port, one after the other "
+        f"({cfg['connections']} per round x {result['config']['rounds']}): TCP"
+    )
+    add(
+        f"  [+ TLS 1.3, client certificate '{cfg['client_certificate']}'] + the h2 preface, "
+        "the server's SETTINGS read, closed"
+    )
+    add(
+        f"{'mode':<18}{'sidecar':<19}{'conns':>6}{'CPU µs':>9}{'sched µs':>10}"
+        f"{'idle µs':>9}{'wall µs':>9}{'client µs':>11}"
+    )
+    for mode in ("plaintext", "mtls"):
+        m = summary.get(mode)
+        if m is None:
+            continue
+        add(
+            f"{mode:<18}{m['sidecar']:<19}{m['connections']:>6}"
+            f"{fmt(m['cpu_us_per_conn'], '.1f', 9)}{fmt(m['run_ns_us_per_conn'], '.1f', 10)}"
+            f"{fmt(m['idle_us_per_conn'], '.1f', 9)}{fmt(m['wall_us_per_conn'], '.0f', 9)}"
+            f"{fmt(m['client_cpu_us_per_conn'], '.0f', 11)}"
+        )
+    diff = summary.get("mtls_minus_plaintext")
+    if diff:
+        add(
+            f"{'mTLS - plaintext':<18}{'':<19}{'':>6}{fmt(diff['cpu_us_per_conn'], '+.1f', 9)}"
+            f"{fmt(diff['run_ns_us_per_conn'], '+.1f', 10)}{'':>9}"
+            f"{fmt(diff['wall_us_per_conn'], '+.0f', 9)}"
+        )
+    add(
+        "(sidecar CPU per new connection, pooled over the rounds: CPU = utime+stime, "
+        f"1 tick = {1e6 / CLK_TCK / cfg['connections']:.0f} µs per connection of one batch;"
+    )
+    add(
+        " sched = the scheduler's ns clock, /proc/<pid>/task/*/schedstat; idle = the sidecar's "
+        "idle background in the windows, inside both; wall and client = this Python loop's)"
+    )
+    return out
+
+
 def clean(value: Any) -> Any:
     """JSON without NaN: non-finite floats become null."""
     if isinstance(value, float):
@@ -775,6 +1096,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=100,
         help="messages of the server-stream row (0: no row)",
     )
+    parser.add_argument(
+        "--handshakes",
+        type=int,
+        default=300,
+        help="new connections per round to each echo sidecar's inbound port, mTLS and "
+        "plaintext (0: none)",
+    )
     parser.add_argument("--old-commit", default=OLD_COMMIT, help="the grpc.aio plane's commit")
     parser.add_argument(
         "--no-install", dest="install", action="store_false", help="never apt-get nginx"
@@ -795,6 +1123,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("payloads are 0..16 MiB")
     if not 0 <= args.stream_messages <= 100_000:
         parser.error("--stream-messages is 0..100000")
+    if not 0 <= args.handshakes <= 100_000:
+        parser.error("--handshakes is 0..100000")
     args.paths = ["direct", *(p for p in ALL_PATHS if p in args.paths and p != "direct")]
     args.concurrency = sorted(set(args.concurrency))
     return args
@@ -831,7 +1161,7 @@ def bench(args: argparse.Namespace) -> int:
             start_everything(stack, args)
             for notice in stack.notices:
                 print(f"NOTE: {notice}", flush=True)
-            runs = run_rounds(stack, binary, works, args)
+            runs, handshakes = run_rounds(stack, binary, works, args)
             print("stopping everything ...", flush=True)
         ok = True
     finally:
@@ -841,6 +1171,7 @@ def bench(args: argparse.Namespace) -> int:
             print(f"children's logs kept in {logs}", file=sys.stderr)
 
     summary = summarize(runs, works)
+    idle = background(runs)
     result: dict[str, Any] = {
         "benchmark": "bench_proxy",
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -864,7 +1195,12 @@ def bench(args: argparse.Namespace) -> int:
             "keys": N_KEYS,
             "paths": args.paths,
             "old_commit": args.old_commit,
-            "prefixes": {"mesh": NATIVE_PREFIX, "grpcaio": GRPCAIO_PREFIX},
+            "prefixes": {
+                "mesh": NATIVE_PREFIX,
+                "mesh-mtls": MTLS_PREFIX,
+                "grpcaio": GRPCAIO_PREFIX,
+            },
+            "handshakes": args.handshakes,
         },
         "ran": sorted(stack.routes),
         "notices": stack.notices,
@@ -877,7 +1213,22 @@ def bench(args: argparse.Namespace) -> int:
         ],
         "summary": summary,
         "targets": targets(summary, args.concurrency),
-        "idle_cpu_ms_per_s": background(runs),
+        "idle_cpu_ms_per_s": idle,
+        "handshakes": {
+            "config": {
+                "connections": args.handshakes,
+                "warmup_connections": HANDSHAKE_WARMUP,
+                "settle_s": HANDSHAKE_SETTLE,
+                "client_certificate": CLIENT_SERVICE,
+                "server_name": f"{SERVICE}.ringmesh",
+                "what": "new connections, one after the other, to the echo sidecar's inbound "
+                "port: TCP (+ TLS 1.3 with the client's mesh certificate, ALPN h2), the "
+                "HTTP/2 preface and an empty SETTINGS, the server's SETTINGS read, closed; "
+                "the sidecar's CPU before and after each batch",
+            },
+            "summary": summarize_handshakes(handshakes, idle),
+            "runs": handshakes,
+        },
         "ring": ring,
         "runs": runs,
     }
