@@ -33,8 +33,9 @@ use crate::{inbound, log, outbound};
 const MAX_STREAMS: u32 = 1024;
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// A client that has not finished its TLS handshake by then is not a mesh peer.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A client that has not sent its HTTP/2 preface (or finished its TLS
+/// handshake) by then is not a peer: its connection is closed.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -163,6 +164,13 @@ async fn serve_connection(
     watcher: Watcher,
 ) {
     let Some(tls) = tls else {
+        // A client that connects and says nothing holds a connection for
+        // nothing: HTTP/2 clients send their preface at once.
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, stream.peek(&mut first)).await {
+            Ok(Ok(read)) if read > 0 => {}
+            _ => return,
+        }
         let service = service_fn(move |request| handle(plane.clone(), side, None, request));
         let _ = watcher
             .watch(builder.serve_connection(TokioIo::new(stream), service))
