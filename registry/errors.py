@@ -27,6 +27,10 @@ class EtcdError(MeshError):
     """etcd refused a request for a reason other than being unreachable."""
 
 
+class PermissionDenied(EtcdError):
+    """etcd refused: the user's roles do not allow it. Fix the roles, not the retry."""
+
+
 class RevisionCompacted(MeshError):
     """A watch asked for a revision etcd has compacted away. Re-list, then re-watch."""
 

@@ -1,14 +1,16 @@
 """The one seam between ringmesh and etcd: the only module that imports aetcd.
 
 aetcd 1.0.0 lacks a few things a mesh needs, added here (FIELD-NOTES.md):
-a channel over several endpoints, TLS, per-call timeouts, reconnect after an
-expired auth token, and errors translated into ringmesh's own.
+a channel over several endpoints, TLS, per-call timeouts, a new auth token
+when the old one expires, watches that report a refusal instead of hanging,
+etcd's user and role administration, and errors translated into ringmesh's own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +23,13 @@ import aetcd.utils
 import aetcd.watcher
 import grpc
 
-from registry.errors import EtcdError, EtcdUnavailable, RevisionCompacted
+from registry.errors import EtcdError, EtcdUnavailable, PermissionDenied, RevisionCompacted
 from registry.etcd_config import DEFAULT_ETCD, EtcdConfig
 from registry.lifecycle import AsyncClosing
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
-__all__ = ["DEFAULT_ETCD", "EtcdClient", "EtcdConfig", "KeyValue", "WatchEvent"]
+__all__ = ["DEFAULT_ETCD", "EtcdClient", "EtcdConfig", "KeyValue", "Permission", "WatchEvent"]
 
 # Reconnect quickly after etcd comes back (gRPC's default backoff grows to 120 s),
 # and notice a dead TCP connection under a silent watch.
@@ -39,6 +42,11 @@ _CHANNEL_OPTIONS: dict[str, Any] = {
     "grpc.keepalive_permit_without_calls": 1,
     "grpc.http2.max_pings_without_data": 0,
     "grpc.enable_retries": 0,
+    # Over several endpoints, spread calls over every member (gRPC's default,
+    # pick_first, sends them all to one): a call that times out on a member
+    # that hangs is retried by its caller on the next one, long before the
+    # keep-alive gives up on that member's connection.
+    "grpc.lb_policy_name": "round_robin",
 }
 
 
@@ -59,6 +67,29 @@ class WatchEvent:
     value: bytes | None
     revision: int
     lease: int
+
+
+PERMISSION_KINDS = ("read", "write", "readwrite")  # etcd's authpb.Permission.Type, in order
+
+
+@dataclass(frozen=True, order=True)
+class Permission:
+    """One grant of an etcd role: ``kind`` on the keys ``[key, range_end)``."""
+
+    key: str
+    range_end: str
+    kind: str
+
+    def __post_init__(self) -> None:
+        if self.kind not in PERMISSION_KINDS:
+            raise ValueError(
+                f"permission kind must be one of {PERMISSION_KINDS}, got {self.kind!r}"
+            )
+
+    def __str__(self) -> str:
+        if not self.range_end:  # one key
+            return f"{self.kind} {self.key}"
+        return f"{self.kind} [{self.key}, {self.range_end})"
 
 
 class _AetcdClient(aetcd.Client):  # type: ignore[misc]
@@ -102,8 +133,8 @@ class _AetcdClient(aetcd.Client):  # type: ignore[misc]
                 self.channel = grpc.aio.secure_channel(target, credentials, options=options)
             else:
                 self.channel = grpc.aio.insecure_channel(target, options=options)
+            self.auth_stub = aetcd.rpc.AuthStub(self.channel)
             if config.user is not None:
-                self.auth_stub = aetcd.rpc.AuthStub(self.channel)
                 request = aetcd.rpc.AuthenticateRequest(name=config.user, password=config.password)
                 try:
                     response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
@@ -122,6 +153,116 @@ class _AetcdClient(aetcd.Client):  # type: ignore[misc]
             self._connected.set()
         finally:
             self._is_connecting = False
+
+    async def authenticate_again(self) -> None:
+        """A new token on the same channel: calls in flight and open watches carry on.
+
+        aetcd never renews its token; closing and reconnecting would break every watch.
+        """
+        await self.connect()
+        config = self._ringmesh_config
+        if config.user is None:
+            return
+        request = aetcd.rpc.AuthenticateRequest(name=config.user, password=config.password)
+        try:
+            response = await self.auth_stub.Authenticate(request, timeout=self._timeout)
+        except aetcd.rpc.AioRpcError as exc:
+            aetcd_errors._handle_exception(exc)
+        self.metadata = (("token", response.token),)
+
+    async def open_watch(
+        self,
+        key: bytes,
+        range_end: bytes | None,
+        start_revision: int,
+        callback: Callable[[Any], Awaitable[None]],
+    ) -> _Watcher:
+        """One watch on a stream of its own, which carries the token current now.
+
+        etcd checks a watch's permission when the watch is created, against the token
+        its stream was opened with: watches sharing one stream (aetcd's way) would all
+        be refused once that token expired, while a stream per watch lasts as long as
+        its watch, whatever becomes of the token.
+        """
+        await self.connect()
+        watcher = _Watcher(
+            aetcd.rpc.WatchStub(self.channel), timeout=self._timeout, metadata=self.metadata
+        )
+        try:
+            await watcher.add_callback(
+                key, callback, range_end=range_end, start_revision=start_revision
+            )
+        except BaseException as exc:
+            await _quietly(watcher.shutdown())
+            if isinstance(exc, aetcd.rpc.AioRpcError):
+                aetcd_errors._handle_exception(exc)
+            raise
+        return watcher
+
+    async def auth_call(self, method: str, request: Any) -> Any:
+        """One call of etcd's Auth service (aetcd 1.0.0 wraps only Authenticate)."""
+        await self.connect()
+        try:
+            return await getattr(self.auth_stub, method)(
+                request, timeout=self._timeout, metadata=self.metadata
+            )
+        except aetcd.rpc.AioRpcError as exc:
+            aetcd_errors._handle_exception(exc)
+
+
+# etcd's answers to a token it no longer takes; etcd's own client authenticates again.
+_STALE_TOKEN = (
+    "revision in header is old",  # a token from before the last user or role change
+    "revision of auth store is old",
+)
+
+
+def _token_refused(exc: Exception) -> bool:
+    """A request refused for its token, not for what it asked: a new token may pass.
+
+    An expired token: unauthenticated. A JWT token from before the last change to users
+    or roles (which would otherwise fail every call until a restart): "revision ... old".
+    A watch on an expired token: "permission denied", as for a role that lacks the keys:
+    a new token tells them apart.
+    """
+    if isinstance(exc, aetcd_errors.UnauthenticatedError):
+        return True
+    if isinstance(exc, _WatchRefused):
+        return exc.permission_denied
+    return any(text in str(exc) for text in _STALE_TOKEN)
+
+
+class _WatchRefused(aetcd_errors.ClientError):  # type: ignore[misc]
+    """etcd refused to create a watch, or cancelled one, for the reason given."""
+
+    @property
+    def permission_denied(self) -> bool:
+        return "permission denied" in str(self)
+
+
+class _Watcher(aetcd.watcher.Watcher):  # type: ignore[misc]
+    """aetcd's watcher, but a watch etcd refuses or cancels fails instead of going quiet.
+
+    aetcd 1.0.0 ignores ``canceled``. etcd refuses a watch (permission denied, also when
+    the stream's token has expired) with ``created`` and ``canceled`` both set and watch
+    id 0: aetcd took that for a new watch 0, which never sees an event, in place of the
+    stream's real watch 0, which then hung too.
+    """
+
+    async def _handle_response(self, response: Any) -> None:
+        if not response.canceled or response.compact_revision != 0:
+            await super()._handle_response(response)  # compaction: aetcd's own handling
+            return
+        error = _WatchRefused(response.cancel_reason or "watch cancelled by etcd")
+        async with self._lock:
+            if response.created:
+                if self._new_callback is not None:
+                    self._new_callback.error = error
+                    self._new_callback_ready.notify_all()
+                return
+            callback = self._callbacks.pop(response.watch_id, None)
+        if callback is not None:
+            await self._process_callback(callback, error)
 
 
 def _read(path: str | None) -> bytes | None:
@@ -153,25 +294,41 @@ class EtcdClient(AsyncClosing):
 
     async def _call(self, op: Callable[[Any], Awaitable[T]], what: str) -> T:
         """Run one etcd request with a deadline; translate aetcd's errors."""
+        authenticate_again = False
         for attempt in (1, 2):
             try:
                 # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a
                 # cancellation that lands as the call completes.
                 async with asyncio.timeout(self.config.timeout):
+                    if authenticate_again:
+                        await self._client.authenticate_again()
                     return await op(self._client)
-            except aetcd_errors.UnauthenticatedError as exc:
-                # aetcd never renews an expired token: reconnect (re-authenticate) once.
-                if attempt == 1 and self.config.user is not None:
-                    await self._client.close()
-                    continue
-                raise EtcdError(f"etcd {what}: unauthenticated: {exc}") from exc
             except _UNAVAILABLE as exc:
                 raise EtcdUnavailable(
                     f"etcd {what}: unavailable ({exc or type(exc).__name__})"
                 ) from exc
             except aetcd_errors.ClientError as exc:
-                raise EtcdError(f"etcd {what}: {exc}") from exc
+                if attempt == 1 and self.config.user is not None and _token_refused(exc):
+                    log.info("etcd %s: %s: authenticating again", what, exc)
+                    authenticate_again = True
+                    continue
+                raise self._translate(what, exc) from exc
         raise AssertionError("unreachable")
+
+    def _translate(self, what: str, exc: Exception) -> EtcdError:
+        if isinstance(exc, aetcd_errors.UnauthenticatedError):
+            return EtcdError(f"etcd {what}: unauthenticated: {exc}")
+        cause = exc.__cause__
+        denied = (
+            isinstance(cause, grpc.aio.AioRpcError)
+            and cause.code() == grpc.StatusCode.PERMISSION_DENIED
+        ) or (isinstance(exc, _WatchRefused) and exc.permission_denied)
+        if not denied:
+            return EtcdError(f"etcd {what}: {exc}")
+        who = f"user {self.config.user!r}" if self.config.user else "no etcd user"
+        return PermissionDenied(
+            f"etcd {what}: permission denied for {who} (see `ringmesh etcd-roles`)"
+        )
 
     async def get(self, key: str) -> KeyValue | None:
         found = await self._call(lambda c: c.get(key.encode()), f"get {key}")
@@ -200,7 +357,11 @@ class EtcdClient(AsyncClosing):
     async def refresh_lease(self, lease_id: int) -> int:
         """Send one keep-alive; returns the new TTL, 0 if the lease is gone."""
         reply = await self._call(lambda c: c.refresh_lease(lease_id), "lease keep-alive")
-        return 0 if reply is None else int(reply.TTL)
+        if reply is None:
+            # The stream ended without an answer (a member going away closes it
+            # cleanly): no news about the lease, not "expired" (that is TTL 0).
+            raise EtcdUnavailable("etcd lease keep-alive: the stream ended without an answer")
+        return int(reply.TTL)
 
     async def revoke_lease(self, lease_id: int) -> None:
         try:
@@ -335,6 +496,104 @@ class EtcdClient(AsyncClosing):
         )
         return bool(held)
 
+    # --- users and roles (etcd's Auth service; the caller needs the root role) ------------
+
+    async def auth_enabled(self) -> bool:
+        reply = await self._call(
+            lambda c: c.auth_call("AuthStatus", aetcd.rpc.AuthStatusRequest()), "auth status"
+        )
+        return bool(reply.enabled)
+
+    async def role_permissions(self, role: str) -> frozenset[Permission] | None:
+        """What ``role`` may do; None if there is no such role."""
+        request = aetcd.rpc.AuthRoleGetRequest(role=role)
+        try:
+            reply = await self._call(lambda c: c.auth_call("RoleGet", request), f"role get {role}")
+        except EtcdError as exc:
+            if "not found" in str(exc):
+                return None
+            raise
+        return frozenset(
+            Permission(
+                key=p.key.decode(errors="replace"),
+                range_end=p.range_end.decode(errors="replace"),
+                kind=PERMISSION_KINDS[p.permType],
+            )
+            for p in reply.perm
+        )
+
+    async def add_role(self, role: str) -> None:
+        request = aetcd.rpc.AuthRoleAddRequest(name=role)
+        await self._call(lambda c: c.auth_call("RoleAdd", request), f"role add {role}")
+
+    async def grant_permission(self, role: str, permission: Permission) -> None:
+        """Grant ``permission``; one already granted on the same keys changes its kind."""
+        request = aetcd.rpc.AuthRoleGrantPermissionRequest(
+            name=role,
+            perm=aetcd.rpc.Permission(
+                permType=PERMISSION_KINDS.index(permission.kind),
+                key=permission.key.encode(),
+                range_end=permission.range_end.encode(),
+            ),
+        )
+        await self._call(
+            lambda c: c.auth_call("RoleGrantPermission", request),
+            f"role {role} grant {permission}",
+        )
+
+    async def revoke_permission(self, role: str, permission: Permission) -> None:
+        request = aetcd.rpc.AuthRoleRevokePermissionRequest(
+            role=role, key=permission.key.encode(), range_end=permission.range_end.encode()
+        )
+        await self._call(
+            lambda c: c.auth_call("RoleRevokePermission", request),
+            f"role {role} revoke {permission}",
+        )
+
+    async def user_roles(self, user: str) -> frozenset[str] | None:
+        """The roles granted to ``user``; None if there is no such user."""
+        request = aetcd.rpc.AuthUserGetRequest(name=user)
+        try:
+            reply = await self._call(lambda c: c.auth_call("UserGet", request), f"user get {user}")
+        except EtcdError as exc:
+            if "not found" in str(exc):
+                return None
+            raise
+        return frozenset(reply.roles)
+
+    async def add_user(self, user: str, password: str) -> None:
+        request = aetcd.rpc.AuthUserAddRequest(name=user, password=password)
+        await self._call(lambda c: c.auth_call("UserAdd", request), f"user add {user}")
+
+    async def change_password(self, user: str, password: str) -> None:
+        request = aetcd.rpc.AuthUserChangePasswordRequest(name=user, password=password)
+        await self._call(
+            lambda c: c.auth_call("UserChangePassword", request), f"user passwd {user}"
+        )
+
+    async def grant_role(self, user: str, role: str) -> None:
+        request = aetcd.rpc.AuthUserGrantRoleRequest(user=user, role=role)
+        await self._call(
+            lambda c: c.auth_call("UserGrantRole", request), f"user {user} grant role {role}"
+        )
+
+    async def revoke_role(self, user: str, role: str) -> None:
+        request = aetcd.rpc.AuthUserRevokeRoleRequest(name=user, role=role)
+        await self._call(
+            lambda c: c.auth_call("UserRevokeRole", request), f"user {user} revoke role {role}"
+        )
+
+    async def password_matches(self, user: str, password: str) -> bool:
+        """Whether etcd (with auth on) accepts ``password`` for ``user``; our token stays."""
+        request = aetcd.rpc.AuthenticateRequest(name=user, password=password)
+        try:
+            await self._call(lambda c: c.auth_call("Authenticate", request), f"authenticate {user}")
+        except EtcdError as exc:
+            if "authentication failed" in str(exc):
+                return False
+            raise
+        return True
+
     def watch_prefix(self, prefix: str, *, start_revision: int) -> AsyncIterator[WatchEvent]:
         """Events under ``prefix`` from ``start_revision`` on, until the stream breaks.
 
@@ -357,11 +616,15 @@ class EtcdClient(AsyncClosing):
     async def _watch(
         self, key: bytes, range_end: bytes | None, start_revision: int, *, what: str
     ) -> AsyncGenerator[WatchEvent, None]:
+        # Events, or the error that ended the stream, or None once it is shut down.
+        events: asyncio.Queue[Any] = asyncio.Queue()
         try:
-            watch = await self._call(
-                lambda c: c.watch(key, range_end=range_end, start_revision=start_revision),
+            watcher = await self._call(
+                lambda c: c.open_watch(key, range_end, start_revision, events.put),
                 f"watch {what}",
             )
+        except PermissionDenied:
+            raise
         except EtcdError as exc:
             cause = exc.__cause__
             if isinstance(cause, aetcd_errors.RevisionCompactedError):
@@ -370,7 +633,9 @@ class EtcdClient(AsyncClosing):
             # as a generic error; it is a broken connection all the same.
             raise EtcdUnavailable(f"etcd watch {what}: {exc}") from exc
         try:
-            async for event in watch:
+            while (event := await events.get()) is not None:
+                if isinstance(event, Exception):
+                    aetcd_errors._handle_exception(event)  # raises it, translated
                 kv = event.kv
                 value = kv.value if event.kind == "PUT" else None
                 yield WatchEvent(kv.key.decode(errors="replace"), value, kv.mod_revision, kv.lease)
@@ -381,7 +646,7 @@ class EtcdClient(AsyncClosing):
         except aetcd_errors.ClientError as exc:
             raise EtcdUnavailable(f"etcd watch {what}: {exc}") from exc
         finally:
-            await _quietly(watch.cancel())
+            await _quietly(watcher.shutdown())
         # The watcher stream closed without an error: treat it as a broken connection.
         raise EtcdUnavailable(f"etcd watch {what}: stream ended")
 

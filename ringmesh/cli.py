@@ -15,6 +15,14 @@ from typing import Any
 from registry.errors import ConfigError, MeshError
 from registry.etcd import EtcdClient
 from registry.keys import KeyLayout, validate_service
+from registry.roles import (
+    RoleSpec,
+    converge,
+    read_password_file,
+    scaler_role,
+    sidecar_role,
+    validate_user,
+)
 from registry.scaling import (
     DEFAULT_SCALE_DOWN_WINDOW_S,
     DEFAULT_SCALE_UP_WINDOW_S,
@@ -175,6 +183,23 @@ def build_parser() -> EnvParser:
     )
     issue.option("--force", action="store_true", help="replace existing files (renewal)")
 
+    roles = commands.add_parser(
+        "etcd-roles", help="etcd users and roles of least privilege (connect as root)"
+    )
+    actions = roles.add_subparsers(dest="action", required=True, parser_class=EnvParser)
+    for name, text in (
+        ("sidecar", "the role and user of SERVICE's sidecars"),
+        ("scaler", "the role and user of the scalers"),
+    ):
+        sub = actions.add_parser(name, help=text)
+        if name == "sidecar":
+            sub.add_argument("service")
+        sub.option("--user", required=True, help="the etcd user to create or bring in line")
+        sub.option(
+            "--password-file", required=True, metavar="FILE", help="the user's password, one line"
+        )
+        add_etcd_options(sub)
+
     up = commands.add_parser("up", help="a local mesh: embedded etcd and demo services")
     up.option(
         "--for",
@@ -184,6 +209,14 @@ def build_parser() -> EnvParser:
         help="stop after SECONDS",
     )
     up.option("--replicas", type=int, default=3, help="instances of the demo service")
+    up.option(
+        "--etcd-members",
+        type=int,
+        default=1,
+        choices=(1, 3),
+        metavar="N",
+        help="members of the embedded etcd cluster (1 or 3)",
+    )
     up.add_argument(
         "-f", dest="mesh_file", metavar="mesh.yaml", help="mesh description (not yet supported)"
     )
@@ -217,7 +250,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.mesh_file:
             raise ConfigError("-f mesh.yaml is not supported yet; use --replicas")
-        return run_up(replicas=args.replicas, duration=args.duration)
+        return run_up(
+            replicas=args.replicas, duration=args.duration, etcd_members=args.etcd_members
+        )
     if args.command == "sidecar":
         return _run(_sidecar(args))
     if args.command == "scaler":
@@ -253,7 +288,28 @@ def _dispatch(args: argparse.Namespace) -> int:
         from ringmesh.authz_cmd import authz_command
 
         return _run(_with_etcd(config, lambda c: authz_command(c, layout, args)))
+    if args.command == "etcd-roles":
+        spec = (
+            sidecar_role(layout, args.service) if args.action == "sidecar" else scaler_role(layout)
+        )
+        user, password = validate_user(args.user), read_password_file(args.password_file)
+        return _run(_with_etcd(config, lambda c: _etcd_roles(c, spec, user, password)))
     raise ConfigError(f"unknown command {args.command!r}")
+
+
+async def _etcd_roles(client: EtcdClient, spec: RoleSpec, user: str, password: str) -> int:
+    if not await client.auth_enabled():
+        print(
+            "ringmesh etcd-roles: etcd auth is off: the roles take effect with "
+            "`etcdctl auth enable`",
+            file=sys.stderr,
+        )
+    changes = await converge(client, spec, user=user, password=password)
+    for change in changes:
+        print(change)
+    if not changes:
+        print(f"role {spec.name} and user {user}: nothing to change")
+    return 0
 
 
 async def _with_etcd(config: Any, body: Callable[[EtcdClient], Awaitable[int]]) -> int:

@@ -101,7 +101,7 @@ def _wait_for_instances(mesh: LocalMesh, etcd_url: str, count: int, stop: thread
         stop.wait(0.2)
 
 
-def run_up(*, replicas: int, duration: float | None) -> int:
+def run_up(*, replicas: int, duration: float | None, etcd_members: int = 1) -> int:
     """Run the local mesh; 0 when stopped after it came up, 128+signal when stopped before.
 
     Ctrl-C during start-up means the mesh never came up, so the exit status
@@ -120,7 +120,7 @@ def run_up(*, replicas: int, duration: float | None) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _up(replicas, duration, stop)
+        return _up(replicas, duration, stop, etcd_members)
     except (_Interrupted, MeshError):
         # A terminal's Ctrl-C also reaches etcd and `ringmesh policy set`, so
         # a step that fails after it is the interruption, not an error.
@@ -132,10 +132,10 @@ def run_up(*, replicas: int, duration: float | None) -> int:
             signal.signal(sig, handler)
 
 
-def _up(replicas: int, duration: float | None, stop: threading.Event) -> int:
-    with EmbeddedEtcd() as etcd, LocalMesh(etcd.url) as mesh:
+def _up(replicas: int, duration: float | None, stop: threading.Event, etcd_members: int) -> int:
+    with EmbeddedEtcd(members=etcd_members) as etcd, LocalMesh(etcd.url) as mesh:
         try:
-            _say(f"etcd at {etcd.url}")
+            _say(f"etcd at {etcd.url}" + (f" ({etcd_members} members)" if etcd_members > 1 else ""))
             _check(stop)
             _ringmesh("policy", "set", SERVICE, "--min", str(replicas), "--max", str(replicas * 3),
                       "--metric", "inflight", "--target", "5", "--scale-down-window", "30",

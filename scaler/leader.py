@@ -53,7 +53,10 @@ class ScalerConfig:
     interval: float = 2.0
     ttl: int = 10
     max_total_replicas: int | None = None
-    stale_after: float = 10.0  # a load report older than this counts as missing
+    # A load report older than this counts as missing. Sidecars rewrite an unchanged
+    # record only every 10 s (sidecar.load.RewriteThresholds.max_interval_s), so a
+    # live instance's record may be ~11 s old: missing means three rewrites missed.
+    stale_after: float = 30.0
 
     def __post_init__(self) -> None:
         validate_instance_id(self.scaler_id)

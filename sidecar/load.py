@@ -8,12 +8,22 @@ come from the histogram.
 The telemetry reader hands over cumulative totals every report interval; the
 difference between two readings is the window the record describes. The
 same histogram feeds /metrics and OTLP: one counting path, not two.
+
+Not every reading is written: ``worth_writing`` lets a sidecar skip a reading
+that differs from the record in etcd by less than ``RewriteThresholds`` and
+rewrite an unchanged one only every ``max_interval_s``, so a steady fleet
+writes about 1/``max_interval_s`` records per instance per second instead of
+1/``report_interval``. The record lives under the instance's lease, so a
+record not rewritten is still the instance's; readers treat a record as
+missing only once it is older than a few max intervals (the scaler's
+``stale_after``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from registry.scaling import LoadReport
 
@@ -72,3 +82,83 @@ def window_load(
         p50_ms=round(quantile(now.bounds, buckets, 0.50), 3),
         p99_ms=round(quantile(now.bounds, buckets, 0.99), 3),
     )
+
+
+@dataclass(frozen=True)
+class RewriteThresholds:
+    """When a new reading is worth a write to etcd (see ``worth_writing``).
+
+    A field changed when it moved by more than ``relative`` (``latency_relative``
+    for the percentiles) of the value in etcd *and* by more than its absolute
+    floor (the floors keep an idle or nearly idle instance from writing its
+    noise: 0.2 -> 0.4 rps is +100%). A rate counted over a window is Poisson
+    noise of its own (sd sqrt(calls)/window: 7% at 200 calls, 22% at 20), so rps
+    must also move by ``rps_noise_sds`` of those. The percentiles come from
+    histogram buckets and move 15-20% between steady 1 s windows, hence their
+    wider threshold. Measured in the README ("Load records").
+    """
+
+    relative: float = 0.10
+    latency_relative: float = 0.5
+    rps_floor: float = 1.0
+    rps_noise_sds: float = 3.0
+    inflight_floor: float = 0.2
+    error_rate_floor: float = 0.01
+    latency_floor_ms: float = 5.0
+    max_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not value >= 0:
+                raise ValueError(f"{f.name} must be >= 0, got {value!r}")
+
+
+DEFAULT_THRESHOLDS = RewriteThresholds()
+
+
+@dataclass(frozen=True)
+class Written:
+    """The load record last written to etcd, and when (the caller's monotonic clock)."""
+
+    report: LoadReport
+    at: float
+
+
+def changed_fields(
+    written: LoadReport, reading: LoadReport, thresholds: RewriteThresholds = DEFAULT_THRESHOLDS
+) -> tuple[str, ...]:
+    """The fields of ``reading`` that moved past the thresholds since ``written``."""
+    window = max(reading.window_s, 1e-3)
+    rps_noise = thresholds.rps_noise_sds * math.sqrt(written.rps / window)
+    rules = {
+        "rps": (thresholds.relative, max(thresholds.rps_floor, rps_noise)),
+        "inflight": (thresholds.relative, thresholds.inflight_floor),
+        "error_rate": (thresholds.relative, thresholds.error_rate_floor),
+        "p50_ms": (thresholds.latency_relative, thresholds.latency_floor_ms),
+        "p99_ms": (thresholds.latency_relative, thresholds.latency_floor_ms),
+    }
+    moved = []
+    for name, (relative, floor) in rules.items():
+        old, new = getattr(written, name), getattr(reading, name)
+        if abs(new - old) > max(floor, relative * abs(old)):
+            moved.append(name)
+    return tuple(moved)
+
+
+def worth_writing(
+    reading: LoadReport,
+    written: Written | None,
+    *,
+    now: float,
+    thresholds: RewriteThresholds = DEFAULT_THRESHOLDS,
+) -> bool:
+    """Write ``reading`` now? Yes for the first record, once ``max_interval_s`` has passed
+    since the last write, or when a field moved past the thresholds.
+
+    Compared with the record *in etcd*, not the previous reading: a slow drift
+    adds up until it is written.
+    """
+    if written is None or now - written.at >= thresholds.max_interval_s:
+        return True
+    return bool(changed_fields(written.report, reading, thresholds))

@@ -25,7 +25,7 @@ from registry.topology import Topology, TopologyWatch
 from sidecar.admin import AdminServer
 from sidecar.config import SidecarConfig, join_hostport, split_hostport
 from sidecar.drain import drain
-from sidecar.load import window_load
+from sidecar.load import Written, window_load, worth_writing
 from sidecar.otel import TelemetryPipeline, build_pipeline
 from sidecar.plane import NativePlane
 from sidecar.registration import Registration
@@ -217,17 +217,21 @@ class Sidecar:
     async def _report_load(
         self, keeper: LeaseKeeper, telemetry: TelemetryPipeline, instance_id: str
     ) -> None:
-        """Every report interval, the load/ record from the same histogram /metrics serves."""
+        """Every report interval, a reading from the same histogram /metrics serves; written
+        to load/ only when it changed or the last write is old (``worth_writing``)."""
         key = self.layout.load(self.config.service, instance_id)
         previous = telemetry.server_totals()
         busy = self.plane.busy_seconds()
+        written: Written | None = None
         while True:
             await self._sleep(self.config.report_interval)
             now, busy_now = telemetry.server_totals(), self.plane.busy_seconds()
             reading = window_load(previous, now, busy_s=busy_now - busy, wall=time.time())
             previous, busy = now, busy_now
-            if self.registered:
+            at = self._clock()
+            if self.registered and worth_writing(reading, written, now=at):
                 await keeper.put(key, reading.to_json())
+                written = Written(reading, at)
 
     async def _export(self, telemetry: TelemetryPipeline) -> None:
         while True:
