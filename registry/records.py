@@ -144,8 +144,16 @@ def record_error(message: str) -> RecordError:
     return RecordError(line)
 
 
+# No record ringmesh writes comes near this; a bigger value is someone else's,
+# or hostile, and parsing it would cost every watcher's memory and CPU.
+MAX_RECORD_BYTES = 64 * 1024
+
+
 def load_object(raw: bytes) -> dict[str, Any]:
-    """A stored value as a JSON object; RecordError (one bounded line) on anything else."""
+    """A stored value as a JSON object; RecordError (one bounded line) on anything else,
+    a value over MAX_RECORD_BYTES included (skipped unread)."""
+    if len(raw) > MAX_RECORD_BYTES:
+        raise RecordError(f"{len(raw)} bytes, over the {MAX_RECORD_BYTES // 1024} KiB record limit")
     try:
         doc = json.loads(raw)
     except (ValueError, RecursionError, TypeError) as exc:  # UnicodeDecodeError is a ValueError

@@ -478,3 +478,20 @@ def test_any_hostile_record_parses_or_is_a_record_error(
         assert "\n" not in str(exc) and len(str(exc)) <= 300
     else:
         assert InstanceRecord.from_json(record.to_json()) == record
+
+
+def test_records_over_the_size_limit_are_refused_unread() -> None:
+    from registry.authz import AuthzRecord
+    from registry.records import MAX_RECORD_BYTES
+    from registry.scaling import Policy
+
+    padding = " " * MAX_RECORD_BYTES
+    good = InstanceRecord(id="a", service="echo", address="127.0.0.1:1").to_json()
+    assert InstanceRecord.from_json(good).id == "a"
+    for parse, raw in (
+        (InstanceRecord.from_json, good[:-1] + padding.encode() + b"}"),
+        (AuthzRecord.from_json, b'{"allow": []' + padding.encode() + b"}"),
+        (Policy.from_json, b"{" + padding.encode() + b"}"),
+    ):
+        with pytest.raises(RecordError, match="over the 64 KiB record limit"):
+            parse(raw)
