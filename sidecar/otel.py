@@ -12,9 +12,9 @@ Design rules:
   ``to_metrics_data`` turns one stats dict into the SDK's own data model
   (``MetricsData``: cumulative explicit-bucket histograms, monotonic sums for
   counters, a non-monotonic sum for ``ringmesh.inflight``), and every consumer
-  reads that one value: ``/metrics`` (a ``prometheus_client`` collector on a
-  private registry, named as the OpenTelemetry Prometheus exporter names
-  things), OTLP (``OTLPMetricExporter().export``) and the ``load/`` record
+  reads that one value: ``/metrics`` (Prometheus' text format written here,
+  named and labelled as the OpenTelemetry Prometheus exporter does it:
+  prometheus_client alone was 4.6 MB of a sidecar's RSS), OTLP (``OTLPMetricExporter().export``) and the ``load/`` record
   (``server_totals``). One counting path.
 - OTLP only when an endpoint is configured (the exporters read
   ``OTEL_EXPORTER_OTLP_*`` themselves; the endpoint is only the switch).
@@ -36,10 +36,10 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import TypeGuard, cast
+from typing import TYPE_CHECKING, TypeGuard, cast
 
 from opentelemetry.sdk.environment_variables import OTEL_METRIC_EXPORT_INTERVAL
 from opentelemetry.sdk.metrics.export import (
@@ -57,21 +57,14 @@ from opentelemetry.sdk.metrics.export import (
     Sum,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-)
-from prometheus_client.core import Metric as PrometheusMetric
-from prometheus_client.registry import Collector
 
 from sidecar.load import HistogramTotals
+
+if TYPE_CHECKING:  # the tracing SDK is loaded only when spans are exported (OTLP on)
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 log = logging.getLogger(__name__)
 
@@ -310,15 +303,47 @@ def _le(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else repr(float(bound))
 
 
-def prometheus_families(data: MetricsData) -> Iterator[PrometheusMetric]:
-    """MetricsData as Prometheus metric families (buckets made cumulative, ``le``)."""
+def _escape(text: str, *, quote: bool) -> str:
+    text = text.replace("\\", r"\\").replace("\n", r"\n")
+    return text.replace('"', r"\"") if quote else text
+
+
+def _number(value: float) -> str:
+    """A sample value as Prometheus' text format writes it (Go's float formatting:
+    exponents from 1e7 on, as prometheus_client's floatToGoString)."""
+    value = float(value)
+    if value == math.inf:
+        return "+Inf"
+    if value == -math.inf:
+        return "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    text = repr(value)
+    dot = text.find(".")
+    if value > 0 and dot > 6:
+        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
+        return f"{mantissa}e+{dot - 1:02d}"
+    return text
+
+
+def _sample(name: str, labels: Mapping[str, str], value: float) -> str:
+    rendered = ",".join(f'{k}="{_escape(v, quote=True)}"' for k, v in sorted(labels.items()))
+    return f"{name}{{{rendered}}} {_number(value)}\n" if rendered else f"{name} {_number(value)}\n"
+
+
+def prometheus_text(data: MetricsData) -> str:
+    """MetricsData in Prometheus' text format 0.0.4 (buckets made cumulative, ``le``),
+    as the OpenTelemetry Prometheus exporter names and labels it."""
+    out: list[str] = []
+
+    def family(name: str, kind: str, doc: str, samples: Iterable[str]) -> None:
+        out.append(f"# HELP {name} {_escape(doc, quote=False)}\n# TYPE {name} {kind}\n")
+        out.extend(samples)
+
     for resource_metrics in data.resource_metrics:
         attributes = resource_metrics.resource.attributes
-        yield InfoMetricFamily(
-            "target",
-            "Target metadata",
-            value={_sanitize(k, label=True): _label_value(v) for k, v in attributes.items()},
-        )
+        target = {_sanitize(k, label=True): _label_value(v) for k, v in attributes.items()}
+        family("target_info", "gauge", "Target metadata", [_sample("target_info", target, 1.0)])
         for scope_metrics in resource_metrics.scope_metrics:
             scope = scope_metrics.scope
             scope_labels = {
@@ -327,47 +352,59 @@ def prometheus_families(data: MetricsData) -> Iterator[PrometheusMetric]:
                 "otel_scope_schema_url": scope.schema_url or "",
             }
             for metric in scope_metrics.metrics:
-                family = _family(metric, scope_labels)
-                if family is not None:
-                    yield family
+                _family(metric, scope_labels, family)
+    return "".join(out)
 
 
-def _family(metric: Metric, scope_labels: Mapping[str, str]) -> PrometheusMetric | None:
-    rows = [
-        {
-            **scope_labels,
-            **{_sanitize(k, label=True): _label_value(v) for k, v in (p.attributes or {}).items()},
-        }
-        for p in metric.data.data_points
-    ]
-    keys = sorted({k for row in rows for k in row})
-    values = [[row.get(k, "") for k in keys] for row in rows]
+def _family(
+    metric: Metric,
+    scope_labels: Mapping[str, str],
+    family: Callable[[str, str, str, Iterable[str]], None],
+) -> None:
     name = _sanitize(metric.name)
-    doc = metric.description or ""
     unit = _prometheus_unit(metric.unit or "")
+    if unit and not name.endswith(f"_{unit}"):
+        name = f"{name}_{unit}"
+    doc = metric.description or ""
     data = metric.data
+
+    def labels_of(point: object) -> dict[str, str]:
+        attributes = getattr(point, "attributes", None) or {}
+        return {
+            **scope_labels,
+            **{_sanitize(k, label=True): _label_value(v) for k, v in attributes.items()},
+        }
+
     if isinstance(data, Histogram):
-        histogram = HistogramMetricFamily(name, doc, labels=keys, unit=unit)
-        for labels, point in zip(values, data.data_points, strict=True):
-            cumulative, buckets = 0, []
+        samples = []
+        for point in data.data_points:
+            labels = labels_of(point)
+            cumulative = 0
             for bound, n in zip(
                 (*map(_le, point.explicit_bounds), "+Inf"), point.bucket_counts, strict=True
             ):
                 cumulative += n
-                buckets.append((bound, float(cumulative)))
-            histogram.add_metric(labels, buckets, float(point.sum))
-        return histogram
-    if isinstance(data, Sum) and data.is_monotonic:
-        counter = CounterMetricFamily(name, doc, labels=keys, unit=unit)
-        for labels, number in zip(values, data.data_points, strict=True):
-            counter.add_metric(labels, float(number.value))
-        return counter
-    if isinstance(data, Sum | Gauge):
-        gauge = GaugeMetricFamily(name, doc, labels=keys, unit=unit)
-        for labels, number in zip(values, data.data_points, strict=True):
-            gauge.add_metric(labels, float(number.value))
-        return gauge
-    return None
+                samples.append(
+                    _sample(f"{name}_bucket", {**labels, "le": bound}, float(cumulative))
+                )
+            samples.append(_sample(f"{name}_count", labels, float(cumulative)))
+            samples.append(_sample(f"{name}_sum", labels, float(point.sum)))
+        family(name, "histogram", doc, samples)
+    elif isinstance(data, Sum) and data.is_monotonic:
+        total = name if name.endswith("_total") else f"{name}_total"
+        family(
+            total,
+            "counter",
+            doc,
+            [_sample(total, labels_of(p), float(p.value)) for p in data.data_points],
+        )
+    elif isinstance(data, Sum | Gauge):
+        family(
+            name,
+            "gauge",
+            doc,
+            [_sample(name, labels_of(p), float(p.value)) for p in data.data_points],
+        )
 
 
 def _span_id(value: object, size: int) -> int | None:
@@ -384,6 +421,8 @@ def readable_spans(
     skip: Skip = _log_skip,
 ) -> list[ReadableSpan]:
     """The data plane's span tuples as SDK spans (malformed ones skipped)."""
+    from opentelemetry.sdk.trace import ReadableSpan
+
     spans = []
     for row in rows:
         if not (isinstance(row, tuple | list) and len(row) == 9):
@@ -449,24 +488,6 @@ class _Complaints:
         log.log(logging.WARNING if first else logging.DEBUG, "telemetry: %s: %s", kind, detail)
 
 
-class _SnapshotCollector(Collector):
-    """A prometheus_client collector reading one snapshot per scrape."""
-
-    def __init__(self, collect: Callable[[], MetricsData], complain: Skip) -> None:
-        self._collect = collect
-        self._complain = complain
-
-    def collect(self) -> Iterable[PrometheusMetric]:
-        try:
-            return list(prometheus_families(self._collect()))
-        except Exception as exc:  # /metrics answers, if only with nothing
-            self._complain(f"cannot translate metrics ({type(exc).__name__})", str(exc))
-            return []
-
-    def describe(self) -> Iterable[PrometheusMetric]:
-        return []  # nothing read at registration
-
-
 def _metric_interval_s() -> float:
     raw = os.environ.get(OTEL_METRIC_EXPORT_INTERVAL)
     if raw is None:
@@ -490,15 +511,10 @@ class TelemetryPipeline:
     span_exporter: SpanExporter | None = None  # None: no OTLP spans, take_spans never called
     metric_interval_s: float = _DEFAULT_METRIC_INTERVAL_S
     start_time_unix_nano: int = field(default_factory=time.time_ns)
-    registry: CollectorRegistry = field(init=False)
     _complain: _Complaints = field(init=False, default_factory=_Complaints)
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     _closed: bool = field(init=False, default=False)
     _metrics_sent_at: float = field(init=False, default=-math.inf)
-
-    def __post_init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.registry.register(_SnapshotCollector(self.metrics_data, self._complain))
 
     def metrics_data(self) -> MetricsData:
         """The data plane's stats now, as the SDK's data model (never raises)."""
@@ -516,8 +532,11 @@ class TelemetryPipeline:
 
     def prometheus_text(self) -> bytes:
         """Prometheus text exposition for GET /metrics (text/plain; version=0.0.4)."""
-        data: bytes = generate_latest(self.registry)
-        return data
+        try:
+            return prometheus_text(self.metrics_data()).encode()
+        except Exception as exc:  # /metrics answers, if only with nothing
+            self._complain(f"cannot translate metrics ({type(exc).__name__})", str(exc))
+            return b""
 
     def server_totals(self) -> HistogramTotals:
         """Cumulative rpc.server.duration totals now, summed over series (the numbers
@@ -571,6 +590,8 @@ class TelemetryPipeline:
         except Exception as exc:
             self._complain(f"OTLP span export raised {type(exc).__name__}", str(exc))
             return
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
         if result is not SpanExportResult.SUCCESS:
             self._complain("OTLP span export failed", f"{len(spans)} spans lost")
 

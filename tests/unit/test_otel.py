@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.metrics.export import (
@@ -773,3 +775,23 @@ def test_with_an_endpoint_the_otlp_grpc_exporters_are_made_from_the_environment(
     pipeline.export()
     assert len(pipeline.span_exporter.exported) == 1
     assert len(pipeline.metric_exporter.exported) == 1
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.floats(allow_nan=False) | st.integers(min_value=0, max_value=2**63).map(float))
+def test_sample_values_are_written_as_prometheus_client_writes_them(value: float) -> None:
+    from prometheus_client.utils import floatToGoString
+
+    from sidecar.otel import _number
+
+    assert _number(value) == floatToGoString(value)
+
+
+@given(st.text(max_size=30))
+def test_label_values_and_help_are_escaped_as_the_text_format_says(text: str) -> None:
+    from sidecar.otel import _escape
+
+    label = _escape(text, quote=True)
+    assert "\n" not in label and '"' not in label.replace('\\"', "")
+    unescaped = label.replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+    assert unescaped == text or "\\" in text  # round trip (backslash sequences aside)
