@@ -252,3 +252,32 @@ def test_rotating_every_certificate_under_load_loses_no_call(mesh: Mesh, pki: Pa
         thread.join(timeout=15)
     assert failures == []
     assert calls > 50
+
+
+@pytest.mark.parametrize("when", ["expired", "not-yet-valid"])
+def test_an_expired_or_not_yet_valid_certificate_is_refused_with_a_line_that_says_so(
+    mesh: Mesh, pki: Path, tmp_path: Path, when: str
+) -> None:
+    import datetime
+
+    from ringmesh import certs as mesh_certs
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca = mesh_certs.new_ca(now=now - datetime.timedelta(days=5))  # old enough to sign the past
+    issued_at = (
+        now - datetime.timedelta(days=2) if when == "expired" else now + datetime.timedelta(days=2)
+    )
+    leaf = mesh_certs.issue(ca, "echo", now=issued_at, days=1)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "cert.pem").write_bytes(mesh_certs._cert_pem(leaf.certificate))
+    (bad / "key.pem").write_bytes(mesh_certs._key_pem(leaf.key))
+    (bad / "ca.pem").write_bytes(mesh_certs._cert_pem(ca.certificate))
+    done = subprocess.run(
+        [sys.executable, "-m", "ringmesh", "sidecar", "--service", "echo", "--app", "127.0.0.1:1",
+         "--etcd", mesh.etcd.url, "--tls-dir", str(bad),
+         "--outbound", "127.0.0.1:0", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert ("expired at" if when == "expired" else "is not valid yet") in done.stderr
