@@ -144,15 +144,16 @@ def record_error(message: str) -> RecordError:
     return RecordError(line)
 
 
-# No record ringmesh writes comes near this; a bigger value is someone else's,
-# or hostile, and parsing it would cost every watcher's memory and CPU.
-MAX_RECORD_BYTES = 64 * 1024
+# No record ringmesh writes comes near this (an instance record is ~300 bytes);
+# a bigger value is someone else's, or hostile, and parsing it would cost every
+# watcher's memory and CPU. (etcd itself takes values up to ~1.5 MiB.)
+MAX_RECORD_BYTES = 256 * 1024
 
 
 def load_object(raw: bytes) -> dict[str, Any]:
     """A stored value as a JSON object; RecordError (one bounded line) on anything else,
     a value over MAX_RECORD_BYTES included (skipped unread)."""
-    if len(raw) > MAX_RECORD_BYTES:
+    if isinstance(raw, bytes | bytearray | str) and len(raw) > MAX_RECORD_BYTES:
         raise RecordError(f"{len(raw)} bytes, over the {MAX_RECORD_BYTES // 1024} KiB record limit")
     try:
         doc = json.loads(raw)

@@ -493,5 +493,5 @@ def test_records_over_the_size_limit_are_refused_unread() -> None:
         (AuthzRecord.from_json, b'{"allow": []' + padding.encode() + b"}"),
         (Policy.from_json, b"{" + padding.encode() + b"}"),
     ):
-        with pytest.raises(RecordError, match="over the 64 KiB record limit"):
+        with pytest.raises(RecordError, match="over the 256 KiB record limit"):
             parse(raw)
