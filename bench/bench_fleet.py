@@ -6,13 +6,15 @@ On a real 3-member cluster on loopback (``EmbeddedEtcd(members=3)``):
    rate of the whole fleet (sidecar/load.py's ``worth_writing`` over simulated steady
    1 s readings of every instance), and a ring rebuild for a 1,000-instance service
    (``RoutingTable.build`` + ``BoundedRing.export``, and its install in a native plane).
-2. The lease probe (``--probe-ttls``): ``--instances`` bare leases (no key) kept by
-   LeaseKeeper at each TTL for ``--probe-hold`` s: lost leases, the refresh gaps, CPU.
+2. The lease probe (``--probe-ttls``, smallest first, up to the first that holds):
+   ``--instances`` bare leases (no key) kept by LeaseKeeper at each TTL for at least
+   ``--probe-hold`` s and one TTL, stopped at the first lost lease: lost leases, the
+   refresh gaps, the CPU per keep-alive of the keepers and of etcd.
 3. The fleet: every instance registered under a lease of its own (grant + put) by
    ``--registrars`` processes, kept by LeaseKeeper at ``--ttl`` (``auto``: the smallest
-   probed TTL that held); one more process owns one instance per service and churns:
-   ``--churn`` of the fleet a minute is replaced (its lease revoked, a new instance
-   registered). Then ``--hold`` s of leases alone (the keep-alive cost).
+   probed TTL that held with room); one more process owns one instance per service and
+   churns: ``--churn`` of the fleet a minute is replaced (its lease revoked, a new
+   instance registered). Then ``--hold`` s (at least 2/3 TTL) of leases alone.
 4. A fresh sidecar-like process: resync with TopologyWatch (list every record, parse,
    build the Topology), then RoutingTable + every ring's export + install for the whole
    fleet, RSS at each step, and what one change costs it at this size.
@@ -25,9 +27,9 @@ On a real 3-member cluster on loopback (``EmbeddedEtcd(members=3)``):
 
 etcd's write rate and database size come from each member's ``/metrics``; CPU from
 ``/proc``. Prints a table, writes ``bench/results/fleet.json``.
-Run: ``./dev bench fleet`` (~9 min); smoke: ``./dev bench fleet --instances 1000
---services 10 --watchers 20,50 --phase-seconds 10 --churn 0.1 --hold 5 --probe-ttls 5
---probe-hold 10 --load-seconds 5``.
+Run: ``./dev bench fleet`` (7-8 min); smoke (~1 min): ``./dev bench fleet --instances 1000
+--services 10 --watchers 20,50 --phase-seconds 10 --churn 0.1 --hold 5 --probe-ttls 3,5
+--probe-hold 8 --load-seconds 5 --load-sim-instances 500 --load-sim-seconds 20``.
 """
 
 from __future__ import annotations
@@ -407,8 +409,9 @@ def lease_row(
     failures = sum(s["refresh_failures"] for s in stats)
     gap_max = max((s["gap_s"]["max"] or 0.0) for s in stats)
     gap_p99 = max((s["gap_s"]["p99"] or 0.0) for s in stats)
-    lost = sum(s["lost"] for s in stats)
+    # Lost: re-granted by its keeper after etcd dropped it, or dropped and not back yet.
     no_lease = sum(s["no_lease"] for s in stats)
+    lost = sum(s["lost"] for s in stats) + no_lease
     keeper_pct = d["cpu_pct"].get("registrars", 0.0) + d["cpu_pct"].get("churner", 0.0)
     etcd_pct = d["cpu_pct"]["etcd"]
     per_s = refreshes / seconds if seconds else 0.0
@@ -443,36 +446,53 @@ def analyse_watch(
     events: list[tuple[str, str, float]],
     collected: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    seen: dict[str, array[float]] = {}
+    """Per change: when the first and the last watcher saw it, from the put/revoke's
+    completion; and within each process, how long its last watcher came after its
+    first (its watches queue behind each other on one event loop)."""
+    per_process: list[dict[str, array[float]]] = []
     for part in collected:
+        mine: dict[str, array[float]] = {}
         for name, raw in part["seen"].items():
             times = array("d")
             times.frombytes(raw)
-            seen.setdefault(name, array("d")).extend(times)
+            mine[name] = times
+        per_process.append(mine)
+    first: list[float] = []
     last: list[float] = []
     every: list[float] = []
+    spread: list[float] = []
     missed = 0
     duplicates = 0
+    empty = array("d")
     for kind, key, done in events:
-        times = seen.get(f"{kind}|{key}", array("d"))
-        every.extend(t - done for t in times)
-        if len(times) >= watchers:
-            last.append(max(times) - done)
-            duplicates += len(times) - watchers
+        name = f"{kind}|{key}"
+        parts = [mine.get(name, empty) for mine in per_process]
+        seen = sum(len(times) for times in parts)
+        for times in parts:
+            every.extend(t - done for t in times)
+        if seen >= watchers:
+            last.append(max(max(t) for t in parts if t) - done)
+            first.append(min(min(t) for t in parts if t) - done)
+            spread.append(max(max(t) - min(t) for t in parts if t))
+            duplicates += seen - watchers
         else:
             missed += 1
-    q_last = fw.quantiles(last)
-    q_every = fw.quantiles(every)
+    q_first, q_last = fw.quantiles(first), fw.quantiles(last)
+    q_every, q_spread = fw.quantiles(every), fw.quantiles(spread)
     return {
         "changes": len(events),
         "changes_seen_by_all": len(last),
         "missed": missed,
         "duplicates": duplicates,
+        "first_p50_s": q_first["p50"],
+        "first_p99_s": q_first["p99"],
         "last_p50_s": q_last["p50"],
         "last_p99_s": q_last["p99"],
         "last_max_s": q_last["max"],
         "each_p50_s": q_every["p50"],
         "each_p99_s": q_every["p99"],
+        "in_process_spread_p50_s": q_spread["p50"],
+        "in_process_spread_p99_s": q_spread["p99"],
         "deliveries": sum(p["deliveries"] for p in collected),
         "rewatches": sum(p["rewatches"] for p in collected),
         "bad_records": sum(p["bad_records"] for p in collected),
@@ -584,6 +604,7 @@ def run(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
                 {"url": etcd.url, "slots": pool, "concurrency": min(16, args.register_concurrency)},
             )
             workers.extend([*registrars, churner])
+            log("pids: " + ", ".join(f"{w.name} {w.pid}" for w in workers))
             keepers = [*registrars, churner]
 
             # 2. the lease probe: bare leases, each TTL in turn.
@@ -662,7 +683,7 @@ def run(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
             log(f"  {count} keys in {reg_wall:.1f} s")
             call_all(keepers, "stats", 30, reset=True)
             before = meter.read()
-            time.sleep(max(args.hold, ttl / 2))  # every lease refreshed at least once
+            time.sleep(max(args.hold, ttl * 2 / 3))  # every lease refreshed twice
             after = meter.read()
             stats = call_all(keepers, "stats", 30, reset=True)
             result["lease_hold"] = lease_row(
@@ -721,6 +742,7 @@ def run(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
                             "start_revision": revision + 1,
                         }
                         watcher_procs.append(Worker(f"watchers-{i}", "watchers", params))
+                    log("  pids: " + ", ".join(f"{w.name} {w.pid}" for w in watcher_procs))
                     synced = sync_watchers(watcher_procs, watchers, member, str(watchers), 120)
                     if synced is None:
                         notices.append(
@@ -811,6 +833,7 @@ def run(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
                     "written": sum(p["written"] for p in loads),
                     "failed": sum(p["failed"] for p in loads),
                     "wanted_per_s": round(sum(p["wanted"] for p in loads) / d["seconds"], 1),
+                    "written_per_s": round(sum(p["written"] for p in loads) / d["seconds"], 1),
                     "etcd_puts_per_s": d["puts_per_s"],
                     "put_latency_p99_s": max((p["put_latency_s"]["p99"] or 0.0) for p in loads),
                     "etcd": d,
@@ -902,7 +925,14 @@ def extrapolate(result: dict[str, Any], args: argparse.Namespace) -> dict[str, A
             row["last_p50_s_fit"] = max(0.0, fit50[0] + fit50[1] * target)
         if per:
             w_us = statistics.median(p["watcher_us_per_delivery"] for p in per)
-            e_us = statistics.median(p["etcd_extra_us_per_delivery"] or 0.0 for p in per)
+            # etcd's cost per delivery: the slope of its CPU over the deliveries/s of the
+            # phases (its lease keeping is the same in each), else over its lease-only hold.
+            slope = fit_line([(p["deliveries_per_s"], p["etcd_cpu_pct"] * 1e4) for p in phases])
+            e_us = (
+                max(0.0, slope[1])
+                if slope is not None
+                else statistics.median(p["etcd_extra_us_per_delivery"] or 0.0 for p in per)
+            )
             row["deliveries_per_s"] = round(rate * target, 1)
             row["watcher_us_per_delivery"] = w_us
             row["etcd_us_per_delivery"] = e_us
@@ -1040,15 +1070,15 @@ def render(result: dict[str, Any]) -> str:
             f"(revoke + register) = {churn['changes_per_s']} changes/s; time from the put/revoke completing"
         )
         add(
-            f"{'watchers':>9}{'conns':>6}{'changes':>8}{'missed':>7}{'last p50':>10}{'last p99':>10}{'last max':>10}{'each p50':>10}{'each p99':>10}"
-            f"{'deliv/s':>9}{'watch%':>7}{'etcd%':>7}{'host%':>7}{'µs/deliv w+e':>14}"
+            f"{'watchers':>9}{'conns':>6}{'changes':>8}{'missed':>7}{'first p50':>10}{'first p99':>10}{'last p50':>10}{'last p99':>10}{'last max':>10}{'spread p99':>11}"
+            f"{'deliv/s':>9}{'watch%':>7}{'etcd%':>7}{'host%':>7}{'µs/deliv':>9}"
         )
         for p in result.get("watch", []):
-            per = f"{p['watcher_us_per_delivery'] or 0:.0f}+{p['etcd_extra_us_per_delivery'] or 0:.0f}"
+            per = f"{p['watcher_us_per_delivery'] or 0:.0f}"
             add(
-                f"{p['watchers']:>9}{p['connections']:>6}{p['changes']:>8}{p['missed']:>7}{ms(p['last_p50_s']):>10}{ms(p['last_p99_s']):>10}"
-                f"{ms(p['last_max_s']):>10}{ms(p['each_p50_s']):>10}{ms(p['each_p99_s']):>10}{p['deliveries_per_s']:>9.0f}"
-                f"{p['watchers_cpu_pct']:>7.0f}{p['etcd_cpu_pct']:>7.0f}{p['host_cpu_pct']:>7.0f}{per:>14}"
+                f"{p['watchers']:>9}{p['connections']:>6}{p['changes']:>8}{p['missed']:>7}{ms(p['first_p50_s']):>10}{ms(p['first_p99_s']):>10}"
+                f"{ms(p['last_p50_s']):>10}{ms(p['last_p99_s']):>10}{ms(p['last_max_s']):>10}{ms(p['in_process_spread_p99_s']):>11}{p['deliveries_per_s']:>9.0f}"
+                f"{p['watchers_cpu_pct']:>7.0f}{p['etcd_cpu_pct']:>7.0f}{p['host_cpu_pct']:>7.0f}{per:>9}"
             )
         if "watchers" in ex:
             e = ex["watchers"]
@@ -1058,6 +1088,12 @@ def render(result: dict[str, Any]) -> str:
                 f"deliveries/s x ({e.get('watcher_us_per_delivery', 0):.0f} + {e.get('etcd_us_per_delivery', 0):.0f}) µs = "
                 f"{e.get('watcher_cores', 0):.2f} cores of watchers + {e.get('etcd_cores', 0):.2f} of etcd"
                 + (" (also measured above)" if e["measured"] else "")
+            )
+            add(
+                "  (first/last: the first and the last watcher to see a change; spread: the last after the "
+                "first within one process, whose watches decode one after the other on one event loop; "
+                "µs/deliv: the watcher processes' CPU per event delivered; etcd µs per delivery: the slope "
+                "of etcd's CPU over the phases' deliveries/s, 0 when it did not grow)"
             )
         add("")
     sc = result.get("sidecar")
@@ -1125,7 +1161,7 @@ def render(result: dict[str, Any]) -> str:
     live = result.get("load_live")
     if live:
         add(
-            f"  live ({live['model']}, {live['seconds']} s): {live['wanted_per_s']:,.0f} writes/s wanted, etcd saw {live['etcd_puts_per_s']:,.0f} puts/s, "
+            f"  live ({live['model']}, {live['seconds']} s): {live['wanted_per_s']:,.0f} writes/s wanted, {live['written_per_s']:,.0f}/s done, etcd saw {live['etcd_puts_per_s']:,.0f} puts/s, "
             f"{live['failed']} failed, put p99 {ms(live['put_latency_p99_s'])}, etcd CPU {live['etcd']['cpu_pct']['etcd']:.0f}%"
         )
     add("")
@@ -1194,7 +1230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--probe-ttls",
         type=counts,
-        default=[10, 20],
+        default=[10, 20, 30],
         help="TTLs of the bare-lease probe ('' for none)",
     )
     parser.add_argument("--probe-hold", type=float, default=20.0, help="s, at least the TTL")

@@ -232,7 +232,8 @@ class TimedClient(EtcdClient):
         self.refresh_failures = 0
         self.puts = 0
         self._last_refresh: dict[int, float] = {}
-        self.gaps = array("d")  # seconds between the sends of a lease's two successful refreshes
+        # seconds between the sends of a lease's grant or successful refresh and the next
+        self.gaps = array("d")
 
     async def refresh_lease(self, lease_id: int) -> int:
         sent = time.monotonic()
@@ -247,6 +248,12 @@ class TimedClient(EtcdClient):
             self.gaps.append(sent - last)
         self._last_refresh[lease_id] = sent
         return ttl
+
+    async def grant_lease(self, ttl: int) -> int:
+        sent = time.monotonic()
+        lease_id = await super().grant_lease(ttl)
+        self._last_refresh[lease_id] = sent  # the first refresh's gap counts from the grant
+        return lease_id
 
     async def put(self, key: str, value: bytes, *, lease: int | None) -> int:
         revision = await super().put(key, value, lease=lease)
