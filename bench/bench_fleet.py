@@ -219,10 +219,16 @@ def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     deletes = counter("etcd_mvcc_delete_total") or counter("etcd_debugging_mvcc_delete_total")
     busy = after["host"][0] - before["host"][0]
     total = max(1, after["host"][1] - before["host"][1])
+    host = 100 * len(os.sched_getaffinity(0)) * busy / total
+    ours = sum(
+        v for k, v in cpu.items() if k in ("etcd", "registrars", "churner", "watchers", "bench")
+    )
     return {
         "seconds": round(wall, 2),
-        # the whole machine, in % of one core (200% = both cores busy)
-        "host_pct": round(100 * len(os.sched_getaffinity(0)) * busy / total, 1),
+        # the whole machine, in % of one core (200% = both cores busy), and what of it
+        # went to processes this benchmark did not start (a shared machine's noise)
+        "host_pct": round(host, 1),
+        "other_pct": round(max(0.0, host - ours), 1),
         "cpu_pct": cpu,
         "puts": int(puts),
         "puts_per_s": round(puts / wall, 1),
@@ -434,6 +440,7 @@ def lease_row(
         "healthy": lost == 0 and no_lease == 0 and gap_max < ttl and failures <= refreshes / 100,
         "keeper_cpu_pct": round(keeper_pct, 1),
         "host_cpu_pct": d["host_pct"],
+        "other_cpu_pct": d["other_pct"],
         "etcd_cpu_pct": round(etcd_pct, 1),
         "keeper_us_per_refresh": round(keeper_pct * 1e4 / per_s, 1) if per_s else None,
         "etcd_us_per_refresh": round(etcd_pct * 1e4 / per_s, 1) if per_s else None,
@@ -792,6 +799,7 @@ def run(args: argparse.Namespace, budget: Budget) -> dict[str, Any]:
                         else None
                     )
                     row["host_cpu_pct"] = d["host_pct"]
+                    row["other_cpu_pct"] = d["other_pct"]
                     row["etcd"] = d
                     phases.append(row)
                     log(
@@ -1036,7 +1044,7 @@ def render(result: dict[str, Any]) -> str:
     add("")
     add("leases kept by LeaseKeeper (a keep-alive every TTL/3)")
     add(
-        f"{'what':<22}{'TTL':>5}{'leases':>8}{'need/s':>8}{'got/s':>8}{'lost':>6}{'fail':>6}{'gap p99':>9}{'gap max':>9}{'held':>8}{'keeper%':>9}{'etcd%':>7}{'host%':>7}{'µs/refresh k+e':>16}"
+        f"{'what':<22}{'TTL':>5}{'leases':>8}{'need/s':>8}{'got/s':>8}{'lost':>6}{'fail':>6}{'gap p99':>9}{'gap max':>9}{'held':>8}{'keeper%':>9}{'etcd%':>7}{'host%':>7}{'other%':>7}{'µs/refresh k+e':>16}"
     )
     for p in [
         *result.get("lease_probes", []),
@@ -1046,7 +1054,7 @@ def render(result: dict[str, Any]) -> str:
         add(
             f"{p['kind']:<22}{p['ttl_s']:>5}{p['leases']:>8}{p['needed_per_s']:>8.0f}{p['refreshes_per_s']:>8.0f}"
             f"{p['lost']:>6}{p['refresh_failures']:>6}{p['gap_p99_s']:>8.1f}s{p['gap_max_s']:>8.1f}s{('yes' if p['healthy'] else 'barely') if p['held'] else 'NO':>8}"
-            f"{p['keeper_cpu_pct']:>9.0f}{p['etcd_cpu_pct']:>7.0f}{p['host_cpu_pct']:>7.0f}{per:>16}"
+            f"{p['keeper_cpu_pct']:>9.0f}{p['etcd_cpu_pct']:>7.0f}{p['host_cpu_pct']:>7.0f}{p['other_cpu_pct']:>7.0f}{per:>16}"
         )
     ex = result.get("extrapolated", {})
     if "leases_at_ttl_10" in ex:
@@ -1071,14 +1079,14 @@ def render(result: dict[str, Any]) -> str:
         )
         add(
             f"{'watchers':>9}{'conns':>6}{'changes':>8}{'missed':>7}{'first p50':>10}{'first p99':>10}{'last p50':>10}{'last p99':>10}{'last max':>10}{'spread p99':>11}"
-            f"{'deliv/s':>9}{'watch%':>7}{'etcd%':>7}{'host%':>7}{'µs/deliv':>9}"
+            f"{'deliv/s':>9}{'watch%':>7}{'etcd%':>7}{'host%':>7}{'other%':>7}{'µs/deliv':>9}"
         )
         for p in result.get("watch", []):
             per = f"{p['watcher_us_per_delivery'] or 0:.0f}"
             add(
                 f"{p['watchers']:>9}{p['connections']:>6}{p['changes']:>8}{p['missed']:>7}{ms(p['first_p50_s']):>10}{ms(p['first_p99_s']):>10}"
                 f"{ms(p['last_p50_s']):>10}{ms(p['last_p99_s']):>10}{ms(p['last_max_s']):>10}{ms(p['in_process_spread_p99_s']):>11}{p['deliveries_per_s']:>9.0f}"
-                f"{p['watchers_cpu_pct']:>7.0f}{p['etcd_cpu_pct']:>7.0f}{p['host_cpu_pct']:>7.0f}{per:>9}"
+                f"{p['watchers_cpu_pct']:>7.0f}{p['etcd_cpu_pct']:>7.0f}{p['host_cpu_pct']:>7.0f}{p['other_cpu_pct']:>7.0f}{per:>9}"
             )
         if "watchers" in ex:
             e = ex["watchers"]
@@ -1093,7 +1101,8 @@ def render(result: dict[str, Any]) -> str:
                 "  (first/last: the first and the last watcher to see a change; spread: the last after the "
                 "first within one process, whose watches decode one after the other on one event loop; "
                 "µs/deliv: the watcher processes' CPU per event delivered; etcd µs per delivery: the slope "
-                "of etcd's CPU over the phases' deliveries/s, 0 when it did not grow)"
+                "of etcd's CPU over the phases' deliveries/s, 0 when it did not grow; host%: the machine's "
+                "busy time in % of a core, other%: the part not spent by this benchmark's processes)"
             )
         add("")
     sc = result.get("sidecar")
