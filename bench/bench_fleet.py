@@ -1051,6 +1051,7 @@ def render(result: dict[str, Any]) -> str:
         *([result["lease_hold"]] if "lease_hold" in result else []),
     ]:
         per = f"{p['keeper_us_per_refresh'] or 0:.0f}+{p['etcd_us_per_refresh'] or 0:.0f}"
+        per = per if p["held"] else "- (lost)"  # a storm of re-grants, not keep-alives
         add(
             f"{p['kind']:<22}{p['ttl_s']:>5}{p['leases']:>8}{p['needed_per_s']:>8.0f}{p['refreshes_per_s']:>8.0f}"
             f"{p['lost']:>6}{p['refresh_failures']:>6}{p['gap_p99_s']:>8.1f}s{p['gap_max_s']:>8.1f}s{('yes' if p['healthy'] else 'barely') if p['held'] else 'NO':>8}"
