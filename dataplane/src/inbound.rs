@@ -94,16 +94,7 @@ pub async fn serve(
         remaining,
         connect_wait: plane.connect_wait(remaining),
     });
-    let result = match ending.deadline() {
-        Some(deadline) => tokio::time::timeout_at(deadline.into(), sent)
-            .await
-            .unwrap_or(Attempt::Failed {
-                outcome: Outcome::TimedOut,
-                message: "Deadline Exceeded".to_owned(),
-                reset: None,
-            }),
-        None => sent.await,
-    };
+    let result = relay::before(ending.deadline(), sent).await;
     let outcome = result.outcome();
     match result {
         Attempt::Response(response) => {

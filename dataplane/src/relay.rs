@@ -2,7 +2,8 @@
 //! the response read up to its headers, and what became of it, with the
 //! proof HTTP/2 gives of a request that was never processed.
 
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 use http::header::{self, HeaderName};
 use http::request::Parts;
@@ -87,6 +88,21 @@ pub struct AttemptRequest<'a> {
     pub replay: &'a Replay,
     pub remaining: Option<Duration>,
     pub connect_wait: Duration,
+}
+
+/// An attempt cut off at the caller's deadline: DEADLINE_EXCEEDED is answered
+/// here, not left to whichever side notices first.
+pub async fn before(deadline: Option<Instant>, attempt: impl Future<Output = Attempt>) -> Attempt {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline.into(), attempt)
+            .await
+            .unwrap_or(Attempt::Failed {
+                outcome: Outcome::TimedOut,
+                message: "Deadline Exceeded".to_owned(),
+                reset: None,
+            }),
+        None => attempt.await,
+    }
 }
 
 pub async fn attempt(r: AttemptRequest<'_>) -> Attempt {
