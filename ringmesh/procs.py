@@ -121,6 +121,17 @@ def demo_app(instance: str, *, port: int = 0, stderr: Any = None) -> Child:
     return child
 
 
+def cache_app(
+    instance: str, *, port: int = 0, stderr: Any = None, extra: Sequence[str] = ()
+) -> Child:
+    """The cache demo app (ringmesh/cache.py); ``extra`` are its flags, e.g. ``--miss-ms``."""
+    return Child(
+        f"cache {instance}",
+        python_module("ringmesh.cache", "--port", str(port), "--instance", instance, *extra),
+        stderr=stderr,
+    )
+
+
 def sidecar(
     service: str,
     app: str | None,
