@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from registry.errors import ConfigError, MeshError
@@ -206,9 +207,9 @@ def build_parser() -> EnvParser:
         dest="duration",
         type=positive_seconds,
         metavar="SECONDS",
-        help="stop after SECONDS",
+        help="run the story (or the mesh file) for SECONDS, then stop and print a summary",
     )
-    up.option("--replicas", type=int, default=3, help="instances of the demo service")
+    up.option("--json", action="store_true", help="the summary as one JSON document on stdout")
     up.option(
         "--etcd-members",
         type=int,
@@ -218,7 +219,7 @@ def build_parser() -> EnvParser:
         help="members of the embedded etcd cluster (1 or 3)",
     )
     up.add_argument(
-        "-f", dest="mesh_file", metavar="mesh.yaml", help="mesh description (not yet supported)"
+        "-f", dest="mesh_file", metavar="mesh.yaml", help="run your own services from a mesh file"
     )
     return parser
 
@@ -246,13 +247,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "up":
+        if args.mesh_file:
+            from ringmesh.meshfile import run_meshfile
+
+            return run_meshfile(
+                Path(args.mesh_file),
+                duration=args.duration,
+                as_json=args.json,
+                etcd_members=args.etcd_members,
+            )
         from ringmesh.up import run_up
 
-        if args.mesh_file:
-            raise ConfigError("-f mesh.yaml is not supported yet; use --replicas")
-        return run_up(
-            replicas=args.replicas, duration=args.duration, etcd_members=args.etcd_members
-        )
+        return run_up(duration=args.duration, as_json=args.json, etcd_members=args.etcd_members)
     if args.command == "sidecar":
         return _run(_sidecar(args))
     if args.command == "scaler":

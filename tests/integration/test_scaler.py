@@ -19,12 +19,14 @@ from registry.keys import KeyLayout
 from registry.scaling import Target
 from ringmesh import cli
 from ringmesh.procs import Child, python_module
-from ringmesh.up import INSTANCE_TEMPLATE
 from tests.load import Load
 from tests.mesh import Mesh
 from tests.waiting import until
 
 pytestmark = pytest.mark.integration
+
+# One demo instance (app + sidecar) per command, as the local actuator runs it.
+INSTANCE_TEMPLATE = f"{sys.executable} -m ringmesh.instance --service {{service}} --index {{index}} --etcd {{etcd}} --prefix {{prefix}}"
 
 
 class Scalers:

@@ -312,18 +312,6 @@ def test_etcd_outage_does_not_stop_routing(own_mesh: Mesh) -> None:
             time.sleep(0.05)
 
 
-def test_up_runs_a_local_mesh_and_stops_cleanly() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "ringmesh", "up", "--for", "1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "3 instance(s) of 'demo' registered" in result.stdout
-    assert result.stdout.count("-> demo-") == 5
-
-
 @pytest.mark.parametrize("delay_ms", [1500, 7000])
 def test_sigterm_finishes_in_flight_calls(mesh: Mesh, delay_ms: int) -> None:
     """Short calls, and calls longer than a channel's close grace (5 s) within --drain-grace."""

@@ -213,9 +213,9 @@ def test_cli_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_cli_route_and_up_options(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RINGMESH_FOR", "2.5")
-    monkeypatch.setenv("RINGMESH_REPLICAS", "4")
+    monkeypatch.setenv("RINGMESH_JSON", "1")
     args = build_parser().parse_args(["up"])
-    assert (args.duration, args.replicas) == (2.5, 4)
+    assert (args.duration, args.json) == (2.5, True)
     args = build_parser().parse_args(["route", "echo", "user-1", "--json"])
     assert (args.service, args.key, args.json) == ("echo", "user-1", True)
 
