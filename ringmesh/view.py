@@ -11,12 +11,14 @@ log, CI) there are no escape codes: each event is one line as it happens.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
 from rich.console import Console, Group
 from rich.live import Live
+from rich.logging import RichHandler
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -120,5 +122,13 @@ def live_view(
         def __rich__(self) -> Group:
             return render(observer, step())
 
-    with Live(Screen(), console=console, refresh_per_second=4, screen=False):
-        yield
+    # A log line written straight to the terminal would tear the live screen: while it
+    # shows, warnings are printed above it by rich (the events already say what INFO did).
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers = [RichHandler(console=console, level=logging.WARNING, show_path=False)]
+    try:
+        with Live(Screen(), console=console, refresh_per_second=4, screen=False):
+            yield
+    finally:
+        root.handlers = saved

@@ -256,7 +256,7 @@ def test_the_live_view_in_a_real_terminal(tmp_path: Path) -> None:
 
         text = wait_screen("cache-1", "cache-2", "calls/s", "hit rate", "ring", within=90)
         assert "\x1b[" not in text  # capture-pane gives the screen's text, not escape codes
-        text = wait_screen("scale-out", "cache-5", "leads the scalers", within=90)
+        text = wait_screen("scale-out", "cache-5", "scaler leader: scaler-", within=90)
         assert re.search(r"cache: \d live, target \d", text), text
         assert "step: scale-out" in text or "step: failover" in text, text
         subprocess.run([*base, "send-keys", "-t", "up", "C-c"], check=True)
