@@ -69,6 +69,9 @@ class Child:
             try:
                 event = self.events.get(timeout=min(left, 0.1))
             except queue.Empty:
+                if self.proc.poll() is not None:
+                    # Its last lines may still be in the pipe: read to EOF before deciding.
+                    self._reader.join(timeout=1)
                 if self.proc.poll() is not None and self.events.empty():
                     raise MeshError(
                         f"{self.name} exited with {self.proc.returncode} before {name!r}"
@@ -98,6 +101,7 @@ class Child:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._reader.join(timeout=2)  # EOF now: closing under a reading thread would raise there
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
