@@ -84,11 +84,17 @@ def ringmesh_up(*args: str) -> Iterator[Up]:
         yield up
     finally:
         marks = _marks(up)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        for mark in marks:
-            for pid in _processes_mentioning(mark):
+        apps = _announced_pids(marks[1]) if len(marks) > 1 else []
+        if proc.poll() is None:  # the test failed: let up stop what it started
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        # Whatever is still there (up itself killed, say): the apps mention neither mark.
+        for pid in [*apps, *(p for mark in marks for p in _processes_mentioning(mark))]:
+            if _alive(pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         for reader in up.readers:
