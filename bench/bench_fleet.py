@@ -5,7 +5,7 @@ On a real 3-member cluster on loopback (``EmbeddedEtcd(members=3)``):
 1. Pure, in this process, before anything else loads the machine: the ``load/`` write
    rate of the whole fleet (sidecar/load.py's ``worth_writing`` over simulated steady
    1 s readings of every instance), and a ring rebuild for a 1,000-instance service
-   (``RoutingTable.build`` + ``BoundedRing.export``, and its install in a native plane).
+   (``RoutingTable.build``, its ring built in Rust, and its install in a native plane).
 2. The lease probe (``--probe-ttls``, smallest first, up to the first that holds):
    ``--instances`` bare leases (no key) kept by LeaseKeeper at each TTL for at least
    ``--probe-hold`` s and one TTL, stopped at the first lost lease: lost leases, the
@@ -16,7 +16,7 @@ On a real 3-member cluster on loopback (``EmbeddedEtcd(members=3)``):
    churns: ``--churn`` of the fleet a minute is replaced (its lease revoked, a new
    instance registered). Then ``--hold`` s (at least 2/3 TTL) of leases alone.
 4. A fresh sidecar-like process: resync with TopologyWatch (list every record, parse,
-   build the Topology), then RoutingTable + every ring's export + install for the whole
+   build the Topology), then RoutingTable (every ring) + install for the whole
    fleet, RSS at each step, and what one change costs it at this size.
 5. For each count in ``--watchers``: that many real etcd watches on ``instances/`` in
    ``--watcher-procs`` processes over ``--connections`` clients each, each event decoded
@@ -347,8 +347,8 @@ def log(message: str) -> None:
 
 def ring_rebuild(instances: int, repeats: int) -> dict[str, Any]:
     """RoutingTable.build of one ``instances``-instance service after one change (the previous
-    table given, as a sidecar does), then its ring's export, then the install in a native
-    plane (not started). Each repeat replaces one instance."""
+    table given, as a sidecar does: its ring is rebuilt in the data plane's code), then the
+    install in a native plane (not started). Each repeat replaces one instance."""
     from sidecar.config import SidecarConfig
     from sidecar.plane import NativePlane
 
@@ -359,7 +359,7 @@ def ring_rebuild(instances: int, repeats: int) -> dict[str, Any]:
     ]
     table = RoutingTable.build(Topology.build(instances, entries))
     plane = NativePlane(SidecarConfig(service="fleet-bench"), tracing=False)
-    build, export, install = [], [], []
+    build, install = [], []
     for r in range(repeats):
         victim = entries[(r * 131) % len(entries)]
         entries = [e for e in entries if e is not victim]
@@ -368,24 +368,19 @@ def ring_rebuild(instances: int, repeats: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         table = RoutingTable.build(topology, previous=table)
         t1 = time.perf_counter()
-        ring_export = table.rings[service].export
-        t2 = time.perf_counter()
         plane.install(table, topology)
-        t3 = time.perf_counter()
+        t2 = time.perf_counter()
         build.append(t1 - t0)
-        export.append(t2 - t1)
-        install.append(t3 - t2)
-    total = [a + b for a, b in zip(build, export, strict=True)]
+        install.append(t2 - t1)
     return {
         "instances": instances,
         "vnodes": DEFAULT_VNODES,
-        "points": len(ring_export.owners),
+        "points": len(table.rings[service].lookup),
         "repeats": repeats,
         "build_s": build,
-        "export_s": export,
         "install_s": install,
-        "rebuild_p50_s": statistics.median(total),
-        "rebuild_max_s": max(total),
+        "rebuild_p50_s": statistics.median(build),
+        "rebuild_max_s": max(build),
         "install_p50_s": statistics.median(install),
     }
 
@@ -1009,7 +1004,7 @@ def targets(result: dict[str, Any], args: argparse.Namespace) -> list[dict[str, 
             "goal": "<= 200 ms",
             "value": f"{ring['rebuild_p50_s'] * 1000:.0f} ms p50, {ring['rebuild_max_s'] * 1000:.0f} ms max",
             "met": ring["rebuild_max_s"] <= TARGET_RING_S,
-            "how": "RoutingTable.build + export after one change; off the data plane's threads",
+            "how": "RoutingTable.build after one change; off the data plane's threads",
         }
     )
     defaults = [s for s in result["load_simulation"] if "what_if" not in s]
@@ -1116,12 +1111,12 @@ def render(result: dict[str, Any]) -> str:
             f"+ Topology {steps['topology'] * 1000:.0f} ms"
         )
         add(
-            f"  RoutingTable.build {sc['routing_build_s'] * 1000:.0f} ms, every ring's export {sc['export_all_s'] * 1000:.0f} ms, "
+            f"  RoutingTable.build (every ring) {sc['routing_build_s'] * 1000:.0f} ms, "
             f"install in the data plane {sc['install_s'] * 1000:.0f} ms"
         )
         add(
             f"  RSS +{(rss['topology'] - rss['connected']) / 1e6:.1f} MB topology, +{(rss['routing'] - rss['topology']) / 1e6:.1f} MB routing table "
-            f"and exports, +{(rss['installed'] - rss['routing']) / 1e6:.1f} MB in the data plane = "
+            f"and rings, +{(rss['installed'] - rss['routing']) / 1e6:.1f} MB in the data plane = "
             f"+{(rss['installed'] - rss['connected']) / 1e6:.1f} MB (from {rss['connected'] / 1e6:.0f} MB)"
         )
         ev = sc["per_event_s"]
@@ -1129,12 +1124,11 @@ def render(result: dict[str, Any]) -> str:
             med = {k: statistics.median(v) * 1000 for k, v in ev.items()}
             add(
                 f"  one change at this size, on the sidecar's event loop: Topology.build {med['topology']:.0f} + RoutingTable.build "
-                f"{med['routing']:.0f} + export {med['export']:.1f} + install {med['install']:.0f} = {sum(med.values()):.0f} ms (median)"
+                f"{med['routing']:.0f} + install {med['install']:.0f} = {sum(med.values()):.0f} ms (median)"
             )
     ring = result["ring"]
     add(
         f"ring rebuild, one {ring['instances']}-instance service ({ring['points']:,} points) after one change: RoutingTable.build "
-        f"{statistics.median(ring['build_s']) * 1000:.0f} + export {statistics.median(ring['export_s']) * 1000:.0f} = "
         f"{ring['rebuild_p50_s'] * 1000:.0f} ms p50, {ring['rebuild_max_s'] * 1000:.0f} ms max; install {ring['install_p50_s'] * 1000:.1f} ms. "
         "Built on the control plane's loop; the data plane serves on the old snapshot until install swaps it whole"
     )

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dataplane import DataPlane, RingLookup
 from dataplane import build_profile as _build_profile
+
+__all__ = ["NativePlane", "RingLookup", "build_profile"]
 from registry.errors import ConfigError
 from sidecar.config import SidecarConfig, join_hostport, split_hostport
 
@@ -21,27 +22,6 @@ if TYPE_CHECKING:
     from dataplane._native import ServiceArg, SpanTuple
     from registry.topology import Topology
     from sidecar.routing import RoutingTable
-
-
-@dataclass(frozen=True)
-class RingExport:
-    """A uhashring ring as the data plane reads it: sorted points, 16-byte big-endian
-    each, and the index (into the ring's sorted peers) of each point's owner."""
-
-    points: bytes
-    owners: list[int]
-    peers: int
-
-
-class RingIndex:
-    """Lookups on an exported ring, in the data plane's code (`ringmesh route` uses it too)."""
-
-    def __init__(self, export: RingExport) -> None:
-        self._lookup = RingLookup(export.points, export.owners, export.peers)
-
-    def order(self, key: str) -> list[int]:
-        """Peer indices, owner first, then the failover order."""
-        return self._lookup.order(key)
 
 
 def build_profile() -> str:
@@ -85,9 +65,8 @@ class NativePlane:
     def install(self, table: RoutingTable, topology: Topology) -> None:
         services: list[ServiceArg] = []
         for name, ring in table.rings.items():
-            export = ring.export
             instances = [(p.id, p.address, p.weight) for p in ring.members]
-            services.append((name, instances, export.points, export.owners))
+            services.append((name, instances, ring.lookup))
         draining = sorted(
             entry.record.address
             for ids in topology.services.values()

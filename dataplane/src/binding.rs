@@ -20,21 +20,16 @@ use crate::eject::EjectionPolicy;
 use crate::log;
 use crate::plane::{Plane, PlaneConfig};
 use crate::retry::RetryPolicy;
-use crate::ring::Ring;
+use crate::ring::{Ring, DEFAULT_VNODES};
 use crate::server::{self, Server, Side};
 use crate::snapshot::{lock, Peer, ServiceRoutes, Snapshot};
 use crate::stats::{SeriesReading, DURATION_BUCKETS_MS};
 use crate::tls::Tls;
 
 /// One service of a snapshot as Python sends it: its name, its serving
-/// instances (id, address, weight), its ring's sorted points (16-byte
-/// big-endian each) and the index of each point's owner.
-type ServiceArg<'py> = (
-    String,
-    Vec<(String, String, u32)>,
-    Bound<'py, PyBytes>,
-    Vec<u32>,
-);
+/// instances (id, address, weight), and their ring (built by `RingLookup.build`
+/// from the same instances in the same order).
+type ServiceArg<'py> = (String, Vec<(String, String, u32)>, PyRef<'py, RingLookup>);
 
 #[pyclass(frozen)]
 struct DataPlane {
@@ -149,11 +144,15 @@ impl DataPlane {
             revision,
             ..Snapshot::default()
         };
-        for (name, instances, points, owners) in services {
-            let ring =
-                Ring::from_be_bytes(points.as_bytes(), owners, instances.len()).map_err(|e| {
-                    PyValueError::new_err(format!("bad ring for service {name}: {e:?}"))
-                })?;
+        for (name, instances, lookup) in services {
+            if lookup.ring.peers() != instances.len() {
+                return Err(PyValueError::new_err(format!(
+                    "the ring of service {name} has {} peers but {} instances were given",
+                    lookup.ring.peers(),
+                    instances.len()
+                )));
+            }
+            let ring = Arc::clone(&lookup.ring);
             let state = self.plane.service_state(&name);
             let mut peers = Vec::with_capacity(instances.len());
             let mut loads = Vec::with_capacity(instances.len());
@@ -328,20 +327,28 @@ fn series<'py>(py: Python<'py>, readings: &[SeriesReading]) -> PyResult<Bound<'p
     Ok(out)
 }
 
-/// Lookups on a ring Python built with uhashring: `ringmesh route` and the
-/// sidecar agree by construction.
+/// A service's ring: built here (uhashring's construction, see ring.rs) and
+/// handed whole to `DataPlane.install`; `ringmesh route` and `ringmesh
+/// topology` look keys up and read shares on the same value.
 #[pyclass(frozen)]
 struct RingLookup {
-    ring: Ring,
+    ring: Arc<Ring>,
 }
 
 #[pymethods]
 impl RingLookup {
-    #[new]
-    fn new(points: &[u8], owners: Vec<u32>, peers: usize) -> PyResult<Self> {
-        let ring = Ring::from_be_bytes(points, owners, peers)
-            .map_err(|e| PyValueError::new_err(format!("bad ring: {e:?}")))?;
-        Ok(RingLookup { ring })
+    /// Node `i` of `nodes` (name, weight) is peer `i`. The GIL is released
+    /// meanwhile: a large ring never holds up the control plane's other threads.
+    #[staticmethod]
+    #[pyo3(signature = (nodes, vnodes = DEFAULT_VNODES))]
+    fn build(py: Python<'_>, nodes: Vec<(String, u32)>, vnodes: u32) -> RingLookup {
+        let ring = py.detach(|| {
+            let nodes: Vec<(&str, u32)> = nodes.iter().map(|(n, w)| (n.as_str(), *w)).collect();
+            Ring::build(&nodes, vnodes)
+        });
+        RingLookup {
+            ring: Arc::new(ring),
+        }
     }
 
     fn owner(&self, key: &str) -> Option<u32> {
@@ -351,6 +358,16 @@ impl RingLookup {
     /// Every peer once, owner first, then the failover order.
     fn order(&self, key: &str) -> Vec<u32> {
         self.ring.order(key)
+    }
+
+    /// Each peer's fraction of the hash space, by peer index.
+    fn shares(&self) -> Vec<f64> {
+        self.ring.shares()
+    }
+
+    /// How many points the ring has.
+    fn __len__(&self) -> usize {
+        self.ring.len()
     }
 }
 

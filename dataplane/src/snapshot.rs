@@ -1,6 +1,6 @@
 //! What the control plane knows, as one immutable value the data plane reads per call.
 //!
-//! Python builds it from etcd (rings included, with uhashring) and swaps it in
+//! Python builds it from etcd (rings built by [`Ring::build`]) and swaps it in
 //! whole; a call reads the snapshot in force when it starts, and a retry reads
 //! the one in force when it is made. State that must outlive a snapshot (the
 //! in-flight count and the ejection record of each peer) lives in
@@ -27,7 +27,7 @@ pub struct ServiceRoutes {
     pub peers: Vec<Peer>,
     /// `loads[i]` belongs to `peers[i]`; the counters are shared with older snapshots.
     pub loads: Vec<PeerLoad>,
-    pub ring: Ring,
+    pub ring: Arc<Ring>, // shared with the RingLookup Python built it as: never copied
     pub state: Arc<ServiceState>,
 }
 

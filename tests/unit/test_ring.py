@@ -12,6 +12,7 @@ from fractions import Fraction
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from uhashring import HashRing
 
 from sidecar.ring import DEFAULT_LOAD_FACTOR, BoundedRing, Peer
 
@@ -210,11 +211,38 @@ def test_property_shares_sum_to_one(ps: list[Peer]) -> None:
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
 
 
-def test_the_exported_ring_looks_up_exactly_as_uhashring() -> None:
-    """The data plane's lookup on the export gives uhashring's own owners and order."""
+def _uhashring(ps: list[Peer], vnodes: int = 160) -> HashRing:
+    """The reference: uhashring itself, given the peers in the ring's order (by id)."""
+    ordered = sorted(ps, key=lambda p: p.id)
+    return HashRing({p.id: {"instance": p, "weight": p.weight, "vnodes": vnodes} for p in ordered})
+
+
+def test_the_ring_looks_up_exactly_as_uhashring() -> None:
+    """The data plane's ring gives uhashring's own owners, order and arcs."""
     ps = [peer(f"n{i}", weight=1 + i % 3) for i in range(10)]
-    ring = BoundedRing(ps)
+    ring, reference = BoundedRing(ps), _uhashring(ps)
     for key in [*KEYS_10K[:2000], "", "ключ", "键", "a b"]:
-        expected = [node["instance"] for node in ring._ring.range(key)]
+        expected = [node["instance"] for node in reference.range(key)]
         assert ring.order(key) == expected
-        assert ring.owner(key) == ring._ring.get(key)["instance"]
+        assert ring.owner(key) == reference.get(key)["instance"]
+    assert len(ring.lookup) == len(reference.get_points())
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.text(min_size=1, max_size=12), st.integers(min_value=1, max_value=3)),
+        min_size=1,
+        max_size=6,
+        unique_by=lambda t: t[0],
+    ),
+    st.lists(st.text(max_size=10), min_size=1, max_size=10),
+)
+def test_property_the_ring_is_uhashrings_point_for_point(
+    nodes: list[tuple[str, int]], keys: list[str]
+) -> None:
+    ps = [Peer(name, f"127.0.0.1:{1000 + i}", weight) for i, (name, weight) in enumerate(nodes)]
+    ring, reference = BoundedRing(ps, vnodes=8), _uhashring(ps, vnodes=8)
+    assert len(ring.lookup) == len(reference.get_points())
+    for key in keys:
+        assert [p.id for p in ring.order(key)] == [n["instance"].id for n in reference.range(key)]
