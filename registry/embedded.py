@@ -107,9 +107,12 @@ class EtcdMember:
         if platform.machine() in ("aarch64", "arm64"):
             env.setdefault("ETCD_UNSUPPORTED_ARCH", "arm64")  # etcd 3.5 refuses arm64 otherwise
         with open(self.log_path, "ab") as out:
+            # Its own session: a terminal's Ctrl-C reaches whoever started it (which
+            # stops its sidecars first, then etcd), not etcd under the draining sidecars.
             self._proc = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-            )
+                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,
+            )  # fmt: skip
 
     def healthy(self) -> bool:
         """The member answers /health true (it is up and sees a leader)."""
