@@ -176,6 +176,7 @@ class Story:
         self.mesh.set_rate(PEAK_RPS)
         self.observer.note("load", f"load rises to {PEAK_RPS:g} calls/s")
         failed = self.observer.tally.failed
+        since = self.observer.now()
 
         def scaled() -> bool:
             service = self._service()
@@ -190,7 +191,7 @@ class Story:
         service = self._service()
         assert service is not None and service.target is not None
         self._no_failures_since(failed, "during the scale-out")
-        return f"{MIN_REPLICAS} -> {service.target.replicas}: {service.target.reason}"
+        return self._decisions("scale-out", since) or f"-> {service.target.replicas}"
 
     async def _failover(self) -> str:
         service = self._service()
@@ -244,6 +245,7 @@ class Story:
         self.mesh.set_rate(BASE_RPS)
         self.observer.note("load", f"load falls to {BASE_RPS:g} calls/s")
         failed = self.observer.tally.failed
+        since = self.observer.now()
         drains = self.observer.count("drained")
         service = self._service()
         leaving = (0 if service is None else len(service.instances)) - MIN_REPLICAS
@@ -260,9 +262,8 @@ class Story:
             within=STEP_TIMEOUT_S + 30,
         )
         self._no_failures_since(failed, "during the scale-in")
-        service = self._service()
-        assert service is not None and service.target is not None
-        return f"-> {MIN_REPLICAS}: {service.target.reason}; {leaving} drained, 0 failed"
+        decisions = self._decisions("scale-in", since) or f"-> {MIN_REPLICAS}"
+        return f"{decisions}; {leaving} drained, 0 failed"
 
     async def _totals(self) -> str:
         """After the last step's pace: no call failed at all, and keys paid off."""
@@ -275,6 +276,11 @@ class Story:
         if keyed <= unkeyed:
             raise StepFailed(f"the keyed hit rate is not above the unkeyed one: {text}")
         return text
+
+    def _decisions(self, kind: str, since: float) -> str:
+        """The scaler's decisions of ``kind`` since ``since`` (s), each with its reason."""
+        events = self.observer.events
+        return "; ".join(e.text for e in events if e.kind == kind and e.at_s >= since)
 
     def _no_failures_since(self, failed: int, when: str) -> None:
         now = self.observer.tally.failed
