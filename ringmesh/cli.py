@@ -83,6 +83,13 @@ def build_parser() -> EnvParser:
         help="method paths safe to retry, e.g. '/pkg.Svc/*' (repeatable; env: one per line)",
     )
     sidecar.option(
+        "--watch",
+        action="append",
+        default=[],
+        metavar="SERVICE",
+        help="watch only these services' instances, not the whole mesh (repeatable; env: one per line)",
+    )
+    sidecar.option(
         "--report-interval",
         type=float,
         default=1.0,
@@ -352,6 +359,7 @@ async def _sidecar(args: argparse.Namespace) -> int:
         ttl=args.ttl,
         drain_grace=args.drain_grace,
         idempotent=tuple(args.idempotent),
+        watch=tuple(args.watch),
         report_interval=args.report_interval,
         otlp_endpoint=otlp_endpoint(),
         tls_dir=args.tls_dir,

@@ -53,9 +53,13 @@ class SidecarConfig:
     report_interval: float = 1.0
     otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT (ringmesh.options)
     tls_dir: str | None = None  # mutual TLS between sidecars: cert.pem, key.pem, ca.pem
+    # Services this sidecar watches (its own included when it has an app); empty: all.
+    watch: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         validate_service(self.service)
+        for name in self.watch:
+            validate_service(name)
         if self.app is not None:
             split_hostport(self.app, what="--app address")
         host, _ = split_hostport(self.outbound, what="--outbound address")
@@ -83,6 +87,14 @@ class SidecarConfig:
             raise ConfigError(
                 f"--drain-grace must be a finite number of seconds >= 0, got {self.drain_grace}"
             )
+
+    def watched(self) -> tuple[str, ...]:
+        """The services whose instances it watches; () for the whole ``instances/`` prefix.
+        With an app its own service is always in: registration waits to see its record."""
+        if not self.watch:
+            return ()
+        own = {self.service} if self.app is not None else set()
+        return tuple(sorted(set(self.watch) | own))
 
     def advertised(self, inbound_port: int) -> str:
         """The address peers dial: --advertise, else the inbound host (or this host's IP)."""

@@ -79,6 +79,7 @@ class NativePlane:
             {grpc_service: sorted(owners) for grpc_service, owners in table.declared_by.items()},
             draining,
             topology.revision,
+            sorted(table.watching),
         )
 
     def set_authz(self, rules: Mapping[str, frozenset[str]]) -> None:

@@ -30,6 +30,9 @@ class RoutingTable:
     known: frozenset[str] = frozenset()
     declared_by: Mapping[str, frozenset[str]] = field(default_factory=lambda: MappingProxyType({}))
     revision: int = 0
+    # The services a scoped sidecar watches (--watch); empty: the whole mesh. A watched
+    # service with no instance is "no live instance"; any other is unknown here.
+    watching: frozenset[str] = frozenset()
 
     @classmethod
     def build(
@@ -37,10 +40,12 @@ class RoutingTable:
         topology: Topology,
         *,
         previous: RoutingTable | None = None,
+        watching: Iterable[str] = (),
         vnodes: int = DEFAULT_VNODES,
         load_factor: float = DEFAULT_LOAD_FACTOR,
     ) -> RoutingTable:
-        known = set(previous.known) if previous else set()
+        watched = frozenset(watching)
+        known = (set(previous.known) if previous else set()) | watched
         declared: dict[str, set[str]] = {}
         rings: dict[str, BoundedRing] = {}
         for service, instances in topology.services.items():
@@ -70,6 +75,7 @@ class RoutingTable:
             known=frozenset(known),
             declared_by=MappingProxyType({k: frozenset(v) for k, v in declared.items()}),
             revision=topology.revision,
+            watching=watched,
         )
 
     def ring(self, service: str) -> BoundedRing:

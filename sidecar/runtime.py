@@ -79,7 +79,9 @@ class Sidecar:
         self._rebuild_scheduled = False
         if self._latest is None:
             return
-        self.table = RoutingTable.build(self._latest, previous=self.table)
+        self.table = RoutingTable.build(
+            self._latest, previous=self.table, watching=self.config.watched()
+        )
         self.plane.install(self.table, self._latest)
         self._routing.set()
         if self._registration is not None:
@@ -159,7 +161,9 @@ class Sidecar:
         """Every background loop in one TaskGroup; on stop (or a loop's failure) drain, then end them."""
         config = self.config
         keeper = LeaseKeeper(etcd, ttl=config.ttl, clock=self._clock)
-        watch = TopologyWatch(etcd, self.layout, on_change=self._on_topology)
+        watch = TopologyWatch(
+            etcd, self.layout, on_change=self._on_topology, services=config.watched()
+        )
         authz = AuthzWatch(etcd, self.layout, on_change=self.plane.set_authz)
         loops: dict[str, Coroutine[Any, Any, None]] = {
             "topology-watch": watch.run(),

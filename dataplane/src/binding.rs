@@ -128,7 +128,9 @@ impl DataPlane {
     }
 
     /// Swap in a routing snapshot (built by the control plane from etcd).
-    #[pyo3(signature = (services, known, declared_by, draining_addresses, revision))]
+    /// `watching`: the services a scoped sidecar watches (empty: all), named
+    /// in the error for a call to any other.
+    #[pyo3(signature = (services, known, declared_by, draining_addresses, revision, watching = Vec::new()))]
     fn install(
         &self,
         services: Vec<ServiceArg<'_>>,
@@ -136,12 +138,14 @@ impl DataPlane {
         declared_by: HashMap<String, Vec<String>>,
         draining_addresses: Vec<String>,
         revision: u64,
+        watching: Vec<String>,
     ) -> PyResult<()> {
         let mut snapshot = Snapshot {
             known: known.into_iter().collect(),
             declared_by,
             draining_addresses,
             revision,
+            watching,
             ..Snapshot::default()
         };
         for (name, instances, lookup) in services {

@@ -76,6 +76,8 @@ pub struct Snapshot {
     /// open while calls already sent there finish.
     pub draining_addresses: Vec<String>,
     pub revision: u64,
+    /// A scoped sidecar's watched services (sorted; empty: it watches the whole mesh).
+    pub watching: Vec<String>,
 }
 
 /// Why a call cannot be routed: a gRPC status and its message.
@@ -99,7 +101,7 @@ impl Snapshot {
             validate_service(name)?;
             return match self.known.get(name) {
                 Some(known) => Ok(known.as_str()),
-                None => Err(unknown(name)),
+                None => Err(self.unknown(name)),
             };
         }
         let grpc_service = grpc_service_of(method);
@@ -128,6 +130,22 @@ impl Snapshot {
         }
     }
 
+    /// A service this sidecar does not know; a scoped one says what it watches.
+    fn unknown(&self, service: &str) -> Rejection {
+        let mut message = format!("unknown service {}", py_repr(service));
+        if !self.watching.is_empty() {
+            let watched: Vec<String> = self.watching.iter().map(|s| py_repr(s)).collect();
+            message.push_str(&format!(
+                ": this sidecar watches only {} (--watch)",
+                watched.join(", ")
+            ));
+        }
+        Rejection {
+            code: UNIMPLEMENTED,
+            message,
+        }
+    }
+
     /// The serving instances of a resolved service, or why there are none.
     pub fn routes(&self, service: &str) -> Result<&ServiceRoutes, Rejection> {
         match self.services.get(service) {
@@ -136,15 +154,8 @@ impl Snapshot {
                 code: UNAVAILABLE,
                 message: format!("no live instance of service {}", py_repr(service)),
             }),
-            _ => Err(unknown(service)),
+            _ => Err(self.unknown(service)),
         }
-    }
-}
-
-fn unknown(service: &str) -> Rejection {
-    Rejection {
-        code: UNIMPLEMENTED,
-        message: format!("unknown service {}", py_repr(service)),
     }
 }
 
@@ -273,5 +284,17 @@ mod tests {
             (UNAVAILABLE, "no live instance of service 'gone'")
         );
         assert_eq!(s.routes("nosuch").err().unwrap().code, UNIMPLEMENTED);
+    }
+
+    #[test]
+    fn a_scoped_sidecar_names_what_it_watches_for_an_unknown_service() {
+        let mut s = snapshot();
+        s.watching = vec!["echo".into(), "gone".into()];
+        let unknown = s.resolve(Some("nosuch"), "/x/y").unwrap_err();
+        assert_eq!(
+            unknown.message,
+            "unknown service 'nosuch': this sidecar watches only 'echo', 'gone' (--watch)"
+        );
+        assert_eq!(s.resolve(Some("echo"), "/x/y"), Ok("echo"));
     }
 }

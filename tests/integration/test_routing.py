@@ -108,3 +108,33 @@ def test_method_path_resolves_the_one_service_declaring_it(mesh: Mesh) -> None:
             stub.Echo(demo_pb2.EchoRequest(text="x"), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
         assert "echo, other" in (err.value.details() or "")
+
+
+def test_a_sidecar_watching_only_some_services_routes_to_them_and_names_them_for_others(
+    mesh: Mesh,
+) -> None:
+    """--watch: the sidecar lists and watches only the services given (and its own)."""
+    echo = mesh.add("echo")
+    mesh.add("other")
+    client = mesh.add("client", None, "--watch", "echo", "--watch", "later")
+    with mesh.channel(client.outbound) as channel:
+        stub = mesh.stub(channel)
+        assert (
+            stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=keyed("k"), timeout=5).instance
+            == echo.name
+        )
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=keyed("k", "other"), timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert unknown.value.details() == (
+            "unknown service 'other': this sidecar watches only 'client', 'echo', 'later' (--watch)"
+        )
+        # Watched but not (yet) running: no live instance, retryable, not unknown.
+        with pytest.raises(grpc.RpcError) as absent:
+            stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=keyed("k", "later"), timeout=5)
+        assert absent.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A watched service that starts later is routed to as soon as it registers.
+        later = mesh.add("later")
+        mesh.seen_by(client, within=10)
+        reply = stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=keyed("k", "later"), timeout=5)
+        assert reply.instance == later.name

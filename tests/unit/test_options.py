@@ -368,6 +368,20 @@ def test_cli_repeatable_flag_overrides_environment(monkeypatch: pytest.MonkeyPat
     assert args.idempotent == ["/flag.Svc/*"]
 
 
+def test_watch_names_services_and_always_keeps_a_sidecar_s_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("RINGMESH_WATCH", "users\norders")
+    args = build_parser().parse_args(["sidecar", "--service", "web", "--app", "h:1"])
+    assert args.watch == ["users", "orders"]
+    with_app = SidecarConfig(service="web", app="h:1", watch=("users", "orders"))
+    assert with_app.watched() == ("orders", "users", "web")  # it must see its own record
+    assert SidecarConfig(service="job", watch=("users",)).watched() == ("users",)
+    assert SidecarConfig(service="web", app="h:1").watched() == ()  # the whole mesh
+    with pytest.raises(ConfigError, match="Bad_Name"):
+        SidecarConfig(service="web", watch=("Bad_Name",))
+
+
 # -- EtcdConfig.from_urls ----------------------------------------------------------
 
 
