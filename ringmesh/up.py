@@ -204,7 +204,7 @@ class UpMesh:
         for scaler_id in SCALERS:
             await self.start_scaler(scaler_id)
         client = sidecar(
-            "client", None, self.etcd_url, "--idempotent", IDEMPOTENT,
+            "client", None, self.etcd_url, "--idempotent", IDEMPOTENT, "--watch", SERVICE,
             name="sidecar client", stderr=self.launcher.log_file("sidecar-client"),
         )  # fmt: skip
         self.others.append(client)

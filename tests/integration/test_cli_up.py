@@ -158,6 +158,8 @@ def test_up_for_60_tells_the_whole_story_and_leaves_nothing(up: Callable[..., Up
     stdout = "".join(run.out)
     assert code == 0, run.tail()
     doc = json.loads(stdout)  # one JSON document, nothing else on stdout
+    events = "".join(run.err)
+    assert "scale-out" in events and "\x1b[" not in events  # plain lines: not a terminal
     assert doc["ok"] is True and doc["failed_step"] is None
     steps = {step["name"]: step for step in doc["steps"]}
     assert list(steps) == [
