@@ -16,7 +16,6 @@ import asyncio
 import json
 import math
 import random
-import signal
 import sys
 import time
 from collections import OrderedDict
@@ -24,11 +23,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from proto import cache_pb2, cache_pb2_grpc
-from ringmesh.demo import abort_if_asked
+from ringmesh.demo import abort_if_asked, signalled, start_app
 
 
 def backend_value(key: str) -> str:
@@ -260,29 +257,15 @@ async def serve(options: CacheOptions) -> None:
         slow_ms=options.slow_ms,
         fail_rate=options.fail_rate,
     )
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    cache_pb2_grpc.add_CacheServicer_to_server(service, server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
+    server = await start_app(
+        options.host,
+        options.port,
+        name="cache",
+        add=lambda s: cache_pb2_grpc.add_CacheServicer_to_server(service, s),
+        services=(cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name,),
+        instance=options.instance,
     )
-    reflection.enable_server_reflection(names, server)
-    bound = server.add_insecure_port(f"{options.host}:{options.port}")
-    if bound == 0:
-        raise SystemExit(f"cache: cannot listen on {options.host}:{options.port}")
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    print(
-        json.dumps({"event": "listening", "port": bound, "instance": options.instance}), flush=True
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await signalled()
     service.stop()
     await server.stop(5)
     stopped = {"event": "stopped", "instance": options.instance, **store.counters()}

@@ -11,7 +11,8 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -96,28 +97,53 @@ class DemoService(demo_pb2_grpc.DemoServicer):
             yield demo_pb2.EchoReply(text=request.text, instance=self.instance, served=self.served)
 
 
-async def serve(host: str, port: int, instance: str) -> None:
+async def start_app(
+    host: str,
+    port: int,
+    *,
+    name: str,
+    add: Callable[[grpc.aio.Server], None],
+    services: Sequence[str],
+    **announce: Any,
+) -> grpc.aio.Server:
+    """A real app's server: ``add`` puts its servicers on it, plus gRPC health (SERVING)
+    and reflection of ``services``; once serving it prints ``{"event": "listening",
+    "port": P, **announce}`` (the demo apps of ``ringmesh up``, the tests and examples)."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    demo_pb2_grpc.add_DemoServicer_to_server(DemoService(instance), server)
+    add(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (
-        demo_pb2.DESCRIPTOR.services_by_name["Demo"].full_name,
-        health.SERVICE_NAME,
-        reflection.SERVICE_NAME,
+    reflection.enable_server_reflection(
+        (*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    reflection.enable_server_reflection(names, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        raise SystemExit(f"demo: cannot listen on {host}:{port}")
+        raise SystemExit(f"{name}: cannot listen on {host}:{port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    print(json.dumps({"event": "listening", "port": bound, "instance": instance}), flush=True)
+    print(json.dumps({"event": "listening", "port": bound, **announce}), flush=True)
+    return server
+
+
+async def signalled() -> None:
+    """Return on SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+async def serve(host: str, port: int, instance: str) -> None:
+    server = await start_app(
+        host,
+        port,
+        name="demo",
+        add=lambda s: demo_pb2_grpc.add_DemoServicer_to_server(DemoService(instance), s),
+        services=(demo_pb2.DESCRIPTOR.services_by_name["Demo"].full_name,),
+        instance=instance,
+    )
+    await signalled()
     await server.stop(5)
 
 

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
 import sys
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from proto import demo_pb2, demo_pb2_grpc
+from ringmesh.demo import signalled, start_app
 
 DEFAULT_TIMEOUT_S = 5.0  # for the backend call when the caller set no deadline
 
@@ -53,32 +50,18 @@ class Frontend(demo_pb2_grpc.DemoServicer):
 
 async def serve(host: str, port: int, backend: str, service: str, instance: str) -> None:
     async with grpc.aio.insecure_channel(backend) as channel:
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-        demo_pb2_grpc.add_DemoServicer_to_server(Frontend(channel, service, instance), server)
-        health_servicer = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        names = (
-            demo_pb2.DESCRIPTOR.services_by_name["Demo"].full_name,
-            health.SERVICE_NAME,
-            reflection.SERVICE_NAME,
-        )
-        reflection.enable_server_reflection(names, server)
-        bound = server.add_insecure_port(f"{host}:{port}")
-        if bound == 0:
-            raise SystemExit(f"frontend: cannot listen on {host}:{port}")
-        await server.start()
-        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        print(
-            json.dumps(
-                {"event": "listening", "port": bound, "instance": instance, "backend": backend}
+        server = await start_app(
+            host,
+            port,
+            name="frontend",
+            add=lambda s: demo_pb2_grpc.add_DemoServicer_to_server(
+                Frontend(channel, service, instance), s
             ),
-            flush=True,
+            services=(demo_pb2.DESCRIPTOR.services_by_name["Demo"].full_name,),
+            instance=instance,
+            backend=backend,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await signalled()
         await server.stop(5)
 
 
