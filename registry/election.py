@@ -22,15 +22,19 @@ under the new lease), and a leader must give up *before* its lease could expire.
 Leadership therefore lasts until ``TTL - margin`` after the last successful refresh
 was *sent* (etcd restarted the TTL no earlier than that). When it runs out, the lease
 is lost, or the key is deleted, the candidacy is over: ``leader_lost`` is set, the
-lease is revoked (now, or once etcd answers again) and a new candidacy starts.
+lease is revoked (now, or once etcd answers again) and a new candidacy starts. Once
+the budget has run out it is never renewed, also by a refresh answered just after: a
+leadership that stopped by the clock never resumes (``tenure`` is final).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 
 from registry.candidacy import Candidate, LeaseBudget, Standing, election_prefix, queue, standing
 from registry.errors import EtcdError, EtcdUnavailable, MeshError, NotLeader, RevisionCompacted
@@ -47,6 +51,7 @@ __all__ = [
     "Election",
     "LeaseBudget",
     "Standing",
+    "Tenure",
     "election_prefix",
     "queue",
     "read_leader",
@@ -64,6 +69,19 @@ async def read_leader(
 
 
 # --- the election ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tenure:
+    """One leadership by the election's clock: ``is_leader`` was true, for ``term``, at
+    no time outside [since, until] (``until`` is None while it lasts)."""
+
+    term: int
+    since: float
+    until: float | None = None
+
+
+_TENURES_KEPT = 8
 
 
 class _CandidacyOver(Exception):
@@ -106,6 +124,8 @@ class Election(AsyncClosing):
         self._elected = asyncio.Event()
         self._candidacy: Candidate | None = None  # our key while it exists
         self._leadership: Candidate | None = None  # our key while it leads
+        # The latest leaderships by term, oldest first (a few: what the owner may still ask).
+        self._tenures: dict[int, Tenure] = {}
         self._abandoned: set[int] = set()  # leases to revoke once etcd answers
         self._task: asyncio.Task[None] | None = None
         self._children: set[asyncio.Task[None]] = set()  # the current candidacy's tasks
@@ -134,6 +154,26 @@ class Election(AsyncClosing):
     def leading_until(self) -> float | None:
         """Clock time at which we stop leading unless the lease is refreshed; None if not leading."""
         return self._budget.valid_until if self.is_leader else None
+
+    @property
+    def tenure(self) -> Tenure | None:
+        """The latest leadership (maybe the current one), ``until`` set once it is over."""
+        latest = next(reversed(self._tenures), None)
+        return None if latest is None else self.tenure_of(latest)
+
+    def tenure_of(self, term: int) -> Tenure | None:
+        """Our leadership of ``term`` (one of the latest few), ``until`` set once it is over.
+
+        By the time a leader's code sees its term is over, the election may already
+        lead again in a new term: this is how it learns when the old one ended.
+        """
+        tenure = self._tenures.get(term)
+        if tenure is not None and tenure.until is None and not self.is_leader:
+            # Only the current leadership can be open. Over by the clock, not demoted
+            # yet (_watch_budget is about to): the budget is never renewed once it ran
+            # out, so its end is final.
+            return dataclasses.replace(tenure, until=self._budget.valid_until)
+        return tenure
 
     @property
     def key(self) -> str | None:
@@ -301,6 +341,10 @@ class Election(AsyncClosing):
                 continue
             if ttl_left <= 0:
                 raise _CandidacyOver(f"lease {lease:x} expired or was revoked")
+            if not self._budget.valid(self._clock()):
+                # Answered after the budget ran out (before _watch_budget woke up to say
+                # so): a leadership that ended by the clock must not come back to life.
+                raise _CandidacyOver(f"lease {lease:x} refreshed only after the budget ran out")
             self._budget.renewed(sent, ttl_left)
             self._outage.recovered()
             failing = False
@@ -382,6 +426,9 @@ class Election(AsyncClosing):
         if self._leadership == candidacy:
             return
         self._leadership = candidacy
+        self._tenures[candidacy.term] = Tenure(candidacy.term, self._clock())
+        while len(self._tenures) > _TENURES_KEPT:
+            del self._tenures[next(iter(self._tenures))]
         self.leader_lost.clear()
         self._elected.set()
         log.info("%s leads %s (term %d)", self.candidate_id, self.prefix, candidacy.term)
@@ -390,6 +437,10 @@ class Election(AsyncClosing):
         leadership, self._leadership = self._leadership, None
         if leadership is None:
             return
+        tenure = self._tenures.get(leadership.term)
+        if tenure is not None and tenure.until is None:
+            ended = min(self._clock(), self._budget.valid_until)
+            self._tenures[leadership.term] = dataclasses.replace(tenure, until=ended)
         self._elected.clear()
         self.leader_lost.set()
         # Resigning is the normal way out (shutdown); anything else is worth a warning.

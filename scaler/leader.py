@@ -5,6 +5,13 @@ Each period the leader reads ``policy/``, ``instances/``, ``load/`` and
 global budget if one is set, writes changed targets in a transaction fenced
 on its election key (a deposed leader writes nothing), and hands each target
 to the actuator. Wall-clock time: load reports carry wall-clock stamps.
+
+On stdout, one JSON line per event: ``candidate``; ``leading`` with the ``term`` and
+``since``; ``following`` with the ``term`` and ``until``, once that leadership is over
+(after a resignation at shutdown too). ``since`` and ``until`` bound the election's
+``is_leader`` for that term (``registry.election.Tenure``) in ``time.monotonic()``
+seconds, which on Linux is one clock for every process of the host: tests compare
+two scalers' tenures with them.
 """
 
 from __future__ import annotations
@@ -113,9 +120,16 @@ class Scaler:
                     term = await _until(election.campaign(), stop)
                     if term is None:
                         break
-                    announce("leading", id=config.scaler_id, term=term)
+                    began = election.tenure_of(term)
+                    since = None if began is None else began.since
+                    announce("leading", id=config.scaler_id, term=term, since=since)
                     await self._lead(etcd, election, term, stop)
-                    announce("following", id=config.scaler_id, term=term)
+                    if stop.is_set():
+                        await election.resign()  # the leadership ends here, not before
+                    # Maybe the election leads again already, in a new term.
+                    ended = election.tenure_of(term)
+                    until = None if ended is None else ended.until
+                    announce("following", id=config.scaler_id, term=term, until=until)
                 await election.resign()
         finally:
             # Also on a crash: the local actuator's instances run in sessions of their own

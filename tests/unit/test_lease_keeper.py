@@ -14,7 +14,7 @@ import pytest
 
 from registry.errors import EtcdError, EtcdUnavailable, MeshError
 from registry.etcd import EtcdClient
-from registry.lease import LeaseKeeper
+from registry.lease import Backoff, LeaseKeeper
 
 P = ParamSpec("P")
 
@@ -110,8 +110,13 @@ class FakeEtcd:
         return [c for c in self.calls if c.op == op]
 
 
+def longest() -> float:
+    """A random source that always gives the backoff's longest delay: a fixed schedule."""
+    return 1.0
+
+
 class Harness:
-    def __init__(self, *, ttl: int = 9, retry_interval: float = 0.5) -> None:
+    def __init__(self, *, ttl: int = 9, backoff: Backoff | None = None) -> None:
         self.clock = FakeClock()
         self.etcd = FakeEtcd(self.clock)
         self.new_leases: list[tuple[float, int]] = []
@@ -121,7 +126,7 @@ class Harness:
             clock=self.clock,
             sleep=self.clock.sleep,
             on_new_lease=self._on_new_lease,
-            retry_interval=retry_interval,
+            backoff=backoff if backoff is not None else Backoff(random_source=longest),
         )
         self.task: asyncio.Task[None] | None = None
 
@@ -235,7 +240,7 @@ async def test_ttl_zero_means_a_new_lease_and_every_record_put_again() -> None:
 
 @synchronously
 async def test_refresh_failures_for_a_whole_ttl_lose_the_lease_then_regrant() -> None:
-    h = Harness(ttl=9, retry_interval=0.5)
+    h = Harness(ttl=9)
     await h.keeper.put("/k/a", b"A")
     h.start()
     await h.until(1)
@@ -245,9 +250,9 @@ async def test_refresh_failures_for_a_whole_ttl_lose_the_lease_then_regrant() ->
     await h.until(8.9)
     # Less than a TTL without a successful refresh: the lease is still ours.
     assert h.keeper.lease_id == first and h.keeper.granted.is_set()
-    # Retrying fast while etcd is down, not every ttl/3.
+    # Retrying soon while etcd is down, not every ttl/3: after 0.25 s, then 0.5 s, ...
     failed = [c.at for c in h.etcd.calls if c.op == "refresh-failed"]
-    assert failed[:3] == [3.0, 3.5, 4.0]
+    assert failed[:4] == [3.0, 3.25, 3.75, 4.75]
     await h.until(9.5)
     # A whole TTL (9 s since the grant at t=0) without a refresh: lost.
     assert h.keeper.lease_id is None and not h.keeper.granted.is_set()
@@ -256,7 +261,7 @@ async def test_refresh_failures_for_a_whole_ttl_lose_the_lease_then_regrant() ->
     assert h.etcd.ops("grant") == [c for c in h.etcd.ops("grant") if c.lease == first]
     assert any(c.op == "grant-failed" for c in h.etcd.calls)  # it kept trying
     h.etcd.down = False
-    await h.until(21)
+    await h.until(20 + 5)  # the backoff's cap: 5 s
     second = h.keeper.lease_id
     assert second is not None and second != first
     assert h.etcd.store == {"/k/a": (b"A", second), "/k/b": (b"B", second)}
@@ -271,7 +276,7 @@ async def test_refresh_failures_for_a_whole_ttl_lose_the_lease_then_regrant() ->
 
 @synchronously
 async def test_refresh_failures_shorter_than_a_ttl_keep_the_lease_and_resync() -> None:
-    h = Harness(ttl=9, retry_interval=0.5)
+    h = Harness(ttl=9)
     await h.keeper.put("/k/a", b"A")
     h.start()
     await h.until(1)
@@ -295,7 +300,7 @@ async def test_refresh_failures_shorter_than_a_ttl_keep_the_lease_and_resync() -
 
 @synchronously
 async def test_failed_put_of_the_records_after_a_grant_is_retried() -> None:
-    h = Harness(ttl=9, retry_interval=0.5)
+    h = Harness(ttl=9)
     await h.keeper.put("/k/a", b"A")
     h.etcd.fail_puts = True
     h.start()
@@ -313,16 +318,16 @@ async def test_failed_put_of_the_records_after_a_grant_is_retried() -> None:
 
 @synchronously
 async def test_grant_failures_are_retried_until_etcd_answers() -> None:
-    h = Harness(ttl=9, retry_interval=0.5)
+    h = Harness(ttl=9)
     h.etcd.down = True
     await h.keeper.put("/k/a", b"A")
     h.start()
     await h.until(2)
     assert h.keeper.lease_id is None
     failed = [c.at for c in h.etcd.calls if c.op == "grant-failed"]
-    assert failed[:4] == [0.0, 0.5, 1.0, 1.5]
+    assert failed[:4] == [0.0, 0.25, 0.75, 1.75]
     h.etcd.down = False
-    await h.until(3)
+    await h.until(1.75 + 2 + 1)  # the retry after 1.75 comes 2 s later
     await h.stop()
     assert h.keeper.grants == 1
     assert h.etcd.store["/k/a"][1] == h.keeper.lease_id
@@ -380,7 +385,7 @@ async def test_revoke_when_etcd_is_down_does_not_raise() -> None:
 @synchronously
 async def test_random_faults_never_put_without_lease_and_heal(seed: int) -> None:
     rng = random.Random(seed)
-    h = Harness(ttl=6, retry_interval=0.5)
+    h = Harness(ttl=6, backoff=Backoff(random_source=random.Random(seed).random))
     records: dict[str, bytes] = {}
     await h.keeper.put("/k/0", b"v0")
     records["/k/0"] = b"v0"
@@ -514,7 +519,7 @@ async def test_puts_go_out_one_at_a_time_with_the_latest_value() -> None:
 async def test_lease_loss_is_counted_from_when_the_last_good_refresh_was_sent() -> None:
     # etcd restarts the TTL when it handles a refresh, which may be long before
     # its reply arrives: a slow reply must not stretch our trust in the lease.
-    h = Harness(ttl=9, retry_interval=0.5)
+    h = Harness(ttl=9)
     await h.keeper.put("/k/a", b"A")
     h.start()
     await h.until(1)
