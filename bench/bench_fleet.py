@@ -368,7 +368,7 @@ def ring_rebuild(instances: int, repeats: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         table = RoutingTable.build(topology, previous=table)
         t1 = time.perf_counter()
-        plane.install(table, topology)
+        plane.install(table)
         t2 = time.perf_counter()
         build.append(t1 - t0)
         install.append(t2 - t1)

@@ -95,7 +95,7 @@ async def probe(url: str, watch: list[str]) -> None:
     def on_change(topology: Topology) -> None:
         nonlocal table, builds
         table = RoutingTable.build(topology, previous=table, watching=watch)
-        plane.install(table, topology)
+        plane.install(table)
         builds += 1
         for record in topology.instances(service_name(0)):
             if record.id.startswith(SENTINEL) and record.id not in seen:

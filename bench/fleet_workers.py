@@ -654,7 +654,7 @@ async def sidecar_probe(url: str, resyncs: int, events: int) -> dict[str, Any]:
     rss["routing"] = rss_bytes()
     plane = NativePlane(SidecarConfig(service="fleet-bench"), tracing=False)
     t0 = time.perf_counter()
-    plane.install(table, topology)
+    plane.install(table)
     out["install_s"] = time.perf_counter() - t0
     gc.collect()
     rss["installed"] = rss_bytes()
@@ -680,7 +680,7 @@ def _per_event(
         t1 = time.perf_counter()
         new_table = RoutingTable.build(new_topology, previous=table)
         t2 = time.perf_counter()
-        plane.install(new_table, new_topology)
+        plane.install(new_table)
         t3 = time.perf_counter()
         for name, value in zip(steps, (t1 - t0, t2 - t1, t3 - t2), strict=True):
             steps[name].append(value)

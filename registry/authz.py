@@ -192,7 +192,12 @@ class AuthzWatch:
             log.warning("%s does not parse (%s): denying every caller of %s", key, exc, service)
             return service, DENY_ALL
 
-    def _publish(self, _revision: int, entries: Mapping[str, tuple[str, frozenset[str]]]) -> None:
+    def _publish(
+        self,
+        _revision: int,
+        entries: Mapping[str, tuple[str, frozenset[str]]],
+        _changed: str | None,
+    ) -> None:
         rules = dict(sorted(entries.values(), key=lambda entry: entry[0]))
         if self._delivered and rules == self.rules:
             return

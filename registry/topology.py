@@ -50,10 +50,7 @@ class Topology:
         services: dict[str, dict[str, Registered]] = {}
         for entry in entries:
             services.setdefault(entry.record.service, {})[entry.record.id] = entry
-        frozen = {
-            name: MappingProxyType(dict(sorted(ids.items())))
-            for name, ids in sorted(services.items())
-        }
+        frozen = {name: _frozen(ids) for name, ids in sorted(services.items())}
         return cls(revision=revision, services=MappingProxyType(frozen))
 
 
@@ -110,8 +107,12 @@ class TopologyWatch:
         retry_interval: float = 0.5,
     ) -> None:
         self._on_change = on_change
+        self._layout = layout
         self.topology = Topology()
         self.ready = asyncio.Event()  # set after every watch's first listing
+        # service -> instance id -> entry, kept per event: a change rebuilds only
+        # its service's map; the others are the previous snapshot's, shared.
+        self._by_service: dict[str, dict[str, Registered]] = {}
 
         def parse(key: str, value: bytes, *, lease: int, mod_revision: int) -> Registered:
             return parse_entry(layout, key, value, lease=lease, mod_revision=mod_revision)
@@ -142,13 +143,45 @@ class TopologyWatch:
             for watch in self._watches:
                 group.create_task(watch.run())
 
-    def _publish(self, revision: int, entries: Mapping[str, Registered]) -> None:
-        if len(self._watches) == 1:
-            merged: Iterable[Registered] = entries.values()
-        elif all(w.revision > 0 for w in self._watches):  # every one has listed
-            merged = [e for w in self._watches for e in w.entries.values()]
+    def _publish(
+        self, revision: int, entries: Mapping[str, Registered], changed: str | None
+    ) -> None:
+        if not all(w.revision > 0 for w in self._watches):
+            return  # not every watch has listed yet: no service may look unknown
+        service = None if changed is None else self._service_of(changed)
+        if service is None or not self.ready.is_set():
+            self._by_service = {}
+            for watch in self._watches:
+                for entry in watch.entries.values():
+                    self._by_service.setdefault(entry.record.service, {})[entry.record.id] = entry
+            services = {name: _frozen(ids) for name, ids in self._by_service.items()}
         else:
-            return
-        self.topology = Topology.build(self.revision, merged)
+            assert changed is not None
+            ids = self._by_service.setdefault(service[0], {})
+            current = entries.get(changed)
+            if current is None:
+                ids.pop(service[1], None)
+            else:
+                ids[service[1]] = current
+            services = dict(self.topology.services)
+            if ids:
+                services[service[0]] = _frozen(ids)
+            else:
+                self._by_service.pop(service[0])
+                services.pop(service[0], None)
+        self.topology = Topology(
+            revision=self.revision, services=MappingProxyType(dict(sorted(services.items())))
+        )
         self.ready.set()
         self._on_change(self.topology)
+
+    def _service_of(self, key: str) -> tuple[str, str] | None:
+        """(service, instance id) of an ``instances/`` key; None for a key that is not one."""
+        try:
+            return self._layout.parse_instance(key)
+        except InvalidName:
+            return None
+
+
+def _frozen(ids: Mapping[str, Registered]) -> Mapping[str, Registered]:
+    return MappingProxyType(dict(sorted(ids.items())))

@@ -37,9 +37,11 @@ class ParseEntry(Protocol[E_co]):
 class PrefixWatch(Generic[E]):
     """Keeps ``etcd key -> entry`` current under ``prefix``; hands each state to ``on_change``.
 
-    ``on_change(revision, entries)`` runs after the first listing and after every
-    event (also one that changed nothing); ``entries`` is a read-only view that
-    the next event changes, so a consumer keeps what it builds from it, not the view.
+    ``on_change(revision, entries, changed)`` runs after every listing
+    (``changed`` None: anything may have changed) and after every event
+    (``changed`` its key; also an event that changed nothing). ``entries`` is a
+    read-only view that the next event changes, so a consumer keeps what it
+    builds from it, not the view; ``changed`` lets it rebuild only that part.
     """
 
     def __init__(
@@ -48,7 +50,7 @@ class PrefixWatch(Generic[E]):
         prefix: str,
         *,
         parse: ParseEntry[E],
-        on_change: Callable[[int, Mapping[str, E]], None],
+        on_change: Callable[[int, Mapping[str, E], str | None], None],
         logger: logging.Logger,
         name: str,
         keeping: str,
@@ -112,7 +114,7 @@ class PrefixWatch(Generic[E]):
         self._entries.clear()
         self._entries.update(parse_or_skip(kvs, parse, self._log))
         self.revision = revision
-        self._on_change(self.revision, self.entries)
+        self._on_change(self.revision, self.entries, None)
         self.ready.set()
 
     def _apply(self, event: WatchEvent) -> None:
@@ -127,4 +129,4 @@ class PrefixWatch(Generic[E]):
             except (RecordError, InvalidName) as exc:
                 self._log.warning("skipping %s: %s", event.key, exc)
                 self._entries.pop(event.key, None)
-        self._on_change(self.revision, self.entries)
+        self._on_change(self.revision, self.entries, event.key)

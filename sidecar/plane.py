@@ -19,8 +19,7 @@ from registry.errors import ConfigError
 from sidecar.config import SidecarConfig, join_hostport, split_hostport
 
 if TYPE_CHECKING:
-    from dataplane._native import ServiceArg, SpanTuple
-    from registry.topology import Topology
+    from dataplane._native import SpanTuple
     from sidecar.routing import RoutingTable
 
 
@@ -62,23 +61,13 @@ class NativePlane:
         except OSError as exc:
             raise ConfigError(_user_address(str(exc), config)) from exc
 
-    def install(self, table: RoutingTable, topology: Topology) -> None:
-        services: list[ServiceArg] = []
-        for name, ring in table.rings.items():
-            instances = [(p.id, p.address, p.weight) for p in ring.members]
-            services.append((name, instances, ring.lookup))
-        draining = sorted(
-            entry.record.address
-            for ids in topology.services.values()
-            for entry in ids.values()
-            if not entry.record.serving
-        )
+    def install(self, table: RoutingTable) -> None:
         self._plane.install(
-            services,
+            [(name, ring.instances, ring.lookup) for name, ring in table.rings.items()],
             sorted(table.known),
             {grpc_service: sorted(owners) for grpc_service, owners in table.declared_by.items()},
-            draining,
-            topology.revision,
+            table.draining,
+            table.revision,
             sorted(table.watching),
         )
 

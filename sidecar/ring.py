@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import cached_property
 
 from sidecar.plane import RingLookup
 
@@ -53,8 +54,14 @@ class BoundedRing:
 
     @property
     def members(self) -> tuple[Peer, ...]:
-        """The peers in the order the export's owner indices refer to."""
+        """The peers in the ring's order (peer ``i`` is the ring's owner index ``i``)."""
         return self._list
+
+    @cached_property
+    def instances(self) -> list[tuple[str, str, int]]:
+        """(id, address, weight) of each member, as ``DataPlane.install`` takes them; built
+        once per ring, so installing a table whose other rings did not change is cheap."""
+        return [(p.id, p.address, p.weight) for p in self._list]
 
     def owner(self, key: str) -> Peer | None:
         order = self.order(key)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from registry.errors import NoLiveInstance, UnknownService
-from registry.topology import Topology
+from registry.topology import Registered, Topology
 from sidecar.ring import DEFAULT_LOAD_FACTOR, DEFAULT_VNODES, BoundedRing, Peer
 
 
@@ -33,6 +33,23 @@ class RoutingTable:
     # The services a scoped sidecar watches (--watch); empty: the whole mesh. A watched
     # service with no instance is "no live instance"; any other is unknown here.
     watching: frozenset[str] = frozenset()
+    # What each ring was built from (the topology's instance map per service, by
+    # identity) and the gRPC services each service declared: a rebuild skips both.
+    _sources: Mapping[str, Mapping[str, Registered]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False, compare=False
+    )
+    _grpc_of: Mapping[str, frozenset[str]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False, compare=False
+    )
+    _draining_of: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: MappingProxyType({}), repr=False, compare=False
+    )
+
+    @property
+    def draining(self) -> list[str]:
+        """Addresses of instances registered but draining: not routed to, but their
+        connections stay open while calls already sent there finish."""
+        return sorted(a for addresses in self._draining_of.values() for a in addresses)
 
     @classmethod
     def build(
@@ -44,24 +61,46 @@ class RoutingTable:
         vnodes: int = DEFAULT_VNODES,
         load_factor: float = DEFAULT_LOAD_FACTOR,
     ) -> RoutingTable:
+        """The table for ``topology``; with ``previous``, a service whose instance map is
+        the very one the previous table was built from (TopologyWatch shares the maps of
+        services a change did not touch) keeps its ring and declarations as they were."""
         watched = frozenset(watching)
         known = (set(previous.known) if previous else set()) | watched
-        declared: dict[str, set[str]] = {}
+        grpc_of: dict[str, frozenset[str]] = {}
+        draining_of: dict[str, tuple[str, ...]] = {}
         rings: dict[str, BoundedRing] = {}
         for service, instances in topology.services.items():
             known.add(service)
+            old = previous.rings.get(service) if previous else None
+            if (
+                previous is not None
+                and old is not None
+                and previous._sources.get(service) is instances
+                and old.load_factor == load_factor
+            ):
+                rings[service], grpc_of[service] = old, previous._grpc_of[service]
+                draining_of[service] = previous._draining_of[service]
+                continue
             serving: list[Peer] = []
+            declares: set[str] = set()
+            draining: list[str] = []
             for entry in instances.values():
                 record = entry.record
-                for grpc_service in record.grpc_services:
-                    declared.setdefault(grpc_service, set()).add(service)
+                declares.update(record.grpc_services)
                 if record.serving:
                     serving.append(Peer(record.id, record.address, record.weight, record.zone))
-            old = previous.rings.get(service) if previous else None
+                else:
+                    draining.append(record.address)
+            grpc_of[service] = frozenset(declares)
+            draining_of[service] = tuple(draining)
             if old is not None and _same_peers(old, serving) and old.load_factor == load_factor:
                 rings[service] = old  # unchanged: keep the ring, skip the rebuild
             else:
                 rings[service] = BoundedRing(serving, vnodes=vnodes, load_factor=load_factor)
+        declared: dict[str, set[str]] = {}
+        for service, grpc_services in grpc_of.items():
+            for grpc_service in grpc_services:
+                declared.setdefault(grpc_service, set()).add(service)
         if previous is not None:
             # The registered records are the truth: a gRPC service moved to another
             # service follows them. A gRPC service nobody registered declares now
@@ -76,6 +115,9 @@ class RoutingTable:
             declared_by=MappingProxyType({k: frozenset(v) for k, v in declared.items()}),
             revision=topology.revision,
             watching=watched,
+            _sources=topology.services,
+            _grpc_of=MappingProxyType(grpc_of),
+            _draining_of=MappingProxyType(draining_of),
         )
 
     def ring(self, service: str) -> BoundedRing:

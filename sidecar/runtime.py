@@ -82,7 +82,7 @@ class Sidecar:
         self.table = RoutingTable.build(
             self._latest, previous=self.table, watching=self.config.watched()
         )
-        self.plane.install(self.table, self._latest)
+        self.plane.install(self.table)
         self._routing.set()
         if self._registration is not None:
             self._registration.saw(self._latest)
