@@ -668,6 +668,56 @@ def test_topology_watch_survives_a_failed_watch_stream(
     asyncio.run(scenario())
 
 
+def test_a_change_rebuilds_only_its_service_and_scoped_watches_see_only_theirs(
+    shared_etcd: EmbeddedEtcd, prefix: str
+) -> None:
+    """Whole prefix: a change in one service shares every other service's map with the
+    previous snapshot. Scoped (--watch): other services are never seen at all."""
+    layout = KeyLayout(prefix)
+
+    async def scenario() -> None:
+        async with EtcdClient(EtcdConfig.from_urls(shared_etcd.url)) as client:
+            for service, name in (("echo", "a"), ("users", "u1"), ("orders", "o1")):
+                record_ = record(name, service=service)
+                await client.put(layout.instance(service, name), record_.to_json(), lease=None)
+            whole = TopologyWatch(client, layout)
+            scoped = TopologyWatch(client, layout, services=("echo", "users"))
+            async with running(whole.run()) as t1, running(scoped.run()) as t2:
+                await asyncio.wait_for(asyncio.gather(whole.ready.wait(), scoped.ready.wait()), 5)
+                assert ids(scoped.topology) == {"echo/a", "users/u1"}
+                before = whole.topology
+                await client.put(
+                    layout.instance("users", "u2"),
+                    record("u2", service="users").to_json(),
+                    lease=None,
+                )
+                await client.put(
+                    layout.instance("orders", "o2"),
+                    record("o2", service="orders").to_json(),
+                    lease=None,
+                )
+                await eventually(
+                    lambda: "orders/o2" in ids(whole.topology), within=5, what="o2", task=t1
+                )
+                await eventually(
+                    lambda: "users/u2" in ids(scoped.topology), within=5, what="u2", task=t2
+                )
+                after = whole.topology
+                assert after.services["echo"] is before.services["echo"]
+                assert after.services["users"] is not before.services["users"]
+                assert ids(scoped.topology) == {"echo/a", "users/u1", "users/u2"}
+                await client.delete(layout.instance("echo", "a"))
+                await eventually(
+                    lambda: "echo" not in scoped.topology.services,
+                    within=5,
+                    what="echo gone",
+                    task=t2,
+                )
+                assert scoped.revision > 0 and ids(scoped.topology) == {"users/u1", "users/u2"}
+
+    asyncio.run(scenario())
+
+
 # --- 6. compaction --------------------------------------------------------------------------
 
 

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import pytest
 
 from registry.errors import MeshError, NoLiveInstance, UnknownService
@@ -205,3 +207,44 @@ def test_build_does_not_mutate_the_previous_table() -> None:
     snapshot = (dict(first.rings), first.known, dict(first.declared_by))
     table(rec("billing", "b1", grpc_services=(ECHO,)), previous=first)
     assert (dict(first.rings), first.known, dict(first.declared_by)) == snapshot
+
+
+class _Watched(Mapping[str, Registered]):
+    """An instance map that remembers whether anything read its entries."""
+
+    def __init__(self, entries: Mapping[str, Registered]) -> None:
+        self._entries = dict(entries)
+        self.read = False
+
+    def __getitem__(self, key: str) -> Registered:
+        self.read = True
+        return self._entries[key]
+
+    def __iter__(self) -> Iterator[str]:
+        self.read = True
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def test_a_service_whose_instance_map_is_shared_is_not_looked_at_again() -> None:
+    """TopologyWatch hands a new snapshot that shares the maps of untouched services:
+    their rings, declarations and draining addresses are the previous table's, unread."""
+    a1, a2 = rec("a", "a1", grpc_services=(ECHO,)), rec("a", "a2", state=DRAINING)
+    b1, b2 = rec("b", "b1"), rec("b", "b2")
+    listed = topo(a1, a2, b1)
+    shared = _Watched(listed.services["a"])
+    first = Topology(revision=10, services={"a": shared, "b": listed.services["b"]})
+    before = RoutingTable.build(first)
+    assert before.draining == [a2.address] and before.declared_by[ECHO] == {"a"}
+    shared.read = False
+    second = Topology(revision=11, services={"a": shared, "b": topo(b1, b2).services["b"]})
+    after = RoutingTable.build(second, previous=before)
+    assert not shared.read  # the untouched service was not even compared
+    assert after.rings["a"] is before.rings["a"]
+    assert after.rings["b"] is not before.rings["b"] and len(after.rings["b"]) == 2
+    assert after.draining == [a2.address] and after.declared_by == before.declared_by
+    # A fresh listing (new maps, same content) still reuses the rings by comparing peers.
+    again = RoutingTable.build(topo(a1, a2, b1, b2), previous=after)
+    assert again.rings["a"] is after.rings["a"] and again.rings["b"] is after.rings["b"]
