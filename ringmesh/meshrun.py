@@ -37,6 +37,7 @@ from registry.errors import MeshError
 from registry.keys import DEFAULT_PREFIX
 from ringmesh.meshfile import MeshFile, ServiceSpec
 from ringmesh.procs import Child, python_module
+from ringmesh.view import emit
 
 START_TIMEOUT_S = 120.0  # every instance running (an instance gives its app 60 s to listen)
 STOP_TIMEOUT_S = 45.0  # the scaler drains its instances (30 s at most) before it exits
@@ -101,9 +102,7 @@ class _Run:
         return [f"{name}: {reason}" for name, reason in self.dead.items()]
 
     def say(self, text: str) -> None:
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe must not stop a stop
-            self.out.write(f"ringmesh up: {text}\n")
-            self.out.flush()
+        emit(f"ringmesh up: {text}", self.out)
 
     def check(self) -> None:
         if self.stop.is_set():

@@ -47,7 +47,7 @@ from ringmesh.story import (
     Story,
     summary_text,
 )
-from ringmesh.view import live_view
+from ringmesh.view import emit, live_view
 from scaler.actuators import LocalActuator
 from scaler.follow import follow_targets
 
@@ -271,7 +271,7 @@ async def _run(duration: float | None, as_json: bool, etcd_members: int) -> int:
     out = sys.stderr if as_json else sys.stdout
 
     def say(text: str) -> None:
-        print(f"ringmesh up: {text}", file=out, flush=True)
+        emit(f"ringmesh up: {text}", out)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -365,10 +365,7 @@ async def _tell(
                 pass
     failed = next((r for r in story.results if not r.ok), None)
     doc = story.summary(ok=ok, failed_step=None if failed is None else failed.name)
-    if as_json:
-        sys.stdout.write(json.dumps(doc, sort_keys=True) + "\n")
-    else:
-        print(summary_text(doc), flush=True)
+    emit(json.dumps(doc, sort_keys=True) if as_json else summary_text(doc), sys.stdout)
     if failed is not None:
         say(f"step {failed.name!r} did not behave: {failed.detail}")
         return 1

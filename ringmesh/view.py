@@ -102,6 +102,14 @@ def render(observer: MeshObserver, step: str) -> Group:
     return Group(*parts)
 
 
+def emit(text: str, out: TextIO) -> None:
+    """Write a line; once the terminal or pipe is gone (SIGHUP, a closed ssh, `| head`)
+    output is lost, never the shutdown that follows it."""
+    with contextlib.suppress(OSError, ValueError):
+        out.write(text + "\n")
+        out.flush()
+
+
 def plain_line(event: Event) -> str:
     return f"ringmesh up: {event.at_s:6.1f}s {event.kind:<10} {event.text}"
 
@@ -113,7 +121,7 @@ def live_view(
     """Show the mesh while the block runs: a live screen if ``out`` is a terminal."""
     out = out or sys.stdout
     if not out.isatty():
-        observer.on_event = lambda event: print(plain_line(event), file=out, flush=True)
+        observer.on_event = lambda event: emit(plain_line(event), out)
         yield
         return
     console = Console(file=out)
@@ -127,8 +135,11 @@ def live_view(
     root = logging.getLogger()
     saved = root.handlers[:]
     root.handlers = [RichHandler(console=console, level=logging.WARNING, show_path=False)]
+    live = Live(Screen(), console=console, refresh_per_second=4, screen=False)
+    live.start()
     try:
-        with Live(Screen(), console=console, refresh_per_second=4, screen=False):
-            yield
+        yield
     finally:
+        with contextlib.suppress(OSError, ValueError):  # the terminal may be gone (SIGHUP)
+            live.stop()
         root.handlers = saved

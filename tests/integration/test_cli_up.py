@@ -217,9 +217,11 @@ def test_ctrl_c_at_any_moment_stops_everything(
     run.assert_nothing_left()
 
 
-def test_the_live_view_in_a_real_terminal(tmp_path: Path) -> None:
-    """tmux gives `up` a real TTY: the screen shows the instances and the story's events,
-    and Ctrl-C typed into it stops everything."""
+@pytest.mark.parametrize("ending", ["ctrl-c", "hangup"])
+def test_the_live_view_in_a_real_terminal(tmp_path: Path, ending: str) -> None:
+    """tmux gives `up` a real TTY: the screen shows the instances and the story's events;
+    Ctrl-C typed into it stops everything, and so does the terminal going away (SIGHUP,
+    then every write to it fails: the shutdown must not depend on them)."""
     tmux = shutil.which("tmux")
     assert tmux, "tmux is needed (./dev test installs it)"
     socket = f"ringmesh-test-{uuid.uuid4().hex[:8]}"
@@ -258,22 +260,29 @@ def test_the_live_view_in_a_real_terminal(tmp_path: Path) -> None:
 
         text = wait_screen("cache-1", "cache-2", "calls/s", "hit rate", "ring", within=90)
         assert "\x1b[" not in text  # capture-pane gives the screen's text, not escape codes
-        text = wait_screen("scale-out", "cache-5", "scaler leader: scaler-", within=90)
-        assert re.search(r"cache: \d live, target \d", text), text
-        assert "step: scale-out" in text or "step: failover" in text, text
-        subprocess.run([*base, "send-keys", "-t", "up", "C-c"], check=True)
-        deadline = time.monotonic() + 60
-        while not (status_file.exists() and status_file.read_text().strip()):
-            assert time.monotonic() < deadline, f"up did not stop on Ctrl-C:\n{screen()}"
-            time.sleep(0.2)
-        status = status_file.read_text().strip()
-        assert status == "0", f"exit status {status}:\n{screen()}"  # Ctrl-C stops a live `up`
-        assert "stopping" in screen()
+        if ending == "hangup":
+            screen()  # every child started so far is tracked
+            subprocess.run([*base, "kill-session", "-t", "up"], check=True)
+        else:
+            text = wait_screen("scale-out", "cache-5", "scaler leader: scaler-", within=90)
+            assert re.search(r"cache: \d live, target \d", text), text
+            assert "step: scale-out" in text or "step: failover" in text, text
+            subprocess.run([*base, "send-keys", "-t", "up", "C-c"], check=True)
+            deadline = time.monotonic() + 60
+            while not (status_file.exists() and status_file.read_text().strip()):
+                assert time.monotonic() < deadline, f"up did not stop on Ctrl-C:\n{screen()}"
+                time.sleep(0.2)
+            status = status_file.read_text().strip()
+            assert status == "0", f"exit status {status}:\n{screen()}"  # Ctrl-C stops a live up
+            assert "stopping" in screen()
     finally:
         subprocess.run([*base, "kill-server"], capture_output=True)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30  # a hang-up drains them first, as a Ctrl-C does
     while left := [pid for pid in pids if _running(pid)]:
         assert time.monotonic() < deadline, f"processes of `up` outlived it: {left}"
         time.sleep(0.1)
     assert pids and temp
-    assert not [p for p in temp if p.exists() or p.with_suffix(".log").exists()]
+    deadline = time.monotonic() + 10
+    while [p for p in temp if p.exists() or p.with_suffix(".log").exists()]:
+        assert time.monotonic() < deadline, f"temporary files left: {temp}"
+        time.sleep(0.1)
