@@ -110,9 +110,6 @@ class TopologyWatch:
         self._layout = layout
         self.topology = Topology()
         self.ready = asyncio.Event()  # set after every watch's first listing
-        # service -> instance id -> entry, kept per event: a change rebuilds only
-        # its service's map; the others are the previous snapshot's, shared.
-        self._by_service: dict[str, dict[str, Registered]] = {}
 
         def parse(key: str, value: bytes, *, lease: int, mod_revision: int) -> Registered:
             return parse_entry(layout, key, value, lease=lease, mod_revision=mod_revision)
@@ -149,29 +146,24 @@ class TopologyWatch:
         if not all(w.revision > 0 for w in self._watches):
             return  # not every watch has listed yet: no service may look unknown
         service = None if changed is None else self._service_of(changed)
-        if service is None or not self.ready.is_set():
-            self._by_service = {}
-            for watch in self._watches:
-                for entry in watch.entries.values():
-                    self._by_service.setdefault(entry.record.service, {})[entry.record.id] = entry
-            services = {name: _frozen(ids) for name, ids in self._by_service.items()}
+        if changed is None or service is None or not self.ready.is_set():
+            every = (e for w in self._watches for e in w.entries.values())
+            self.topology = Topology.build(self.revision, every)
         else:
-            assert changed is not None
-            ids = self._by_service.setdefault(service[0], {})
+            # Only the changed service's map is rebuilt; the others are shared.
+            name, instance_id = service
+            ids = dict(self.topology.services.get(name, {}))
             current = entries.get(changed)
             if current is None:
-                ids.pop(service[1], None)
+                ids.pop(instance_id, None)
             else:
-                ids[service[1]] = current
-            services = dict(self.topology.services)
+                ids[instance_id] = current
+            services = {k: v for k, v in self.topology.services.items() if k != name}
             if ids:
-                services[service[0]] = _frozen(ids)
-            else:
-                self._by_service.pop(service[0])
-                services.pop(service[0], None)
-        self.topology = Topology(
-            revision=self.revision, services=MappingProxyType(dict(sorted(services.items())))
-        )
+                services[name] = _frozen(ids)
+            self.topology = Topology(
+                revision=self.revision, services=MappingProxyType(dict(sorted(services.items())))
+            )
         self.ready.set()
         self._on_change(self.topology)
 
