@@ -14,8 +14,9 @@ state in time fails and names what it saw.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -90,11 +91,20 @@ class Story:
         return None if reading is None else reading.services.get(SERVICE)
 
     async def _until(
-        self, what: str, condition: Callable[[], bool], within: float = STEP_TIMEOUT_S
+        self,
+        what: str,
+        condition: Callable[[], bool | Awaitable[bool]],
+        within: float = STEP_TIMEOUT_S,
     ) -> None:
-        """Wait until ``condition()`` holds; StepFailed naming what was seen after ``within`` s."""
+        """Wait until ``condition()`` (a check, or a probe to await) holds; StepFailed
+        naming what was seen after ``within`` s."""
         deadline = time.monotonic() + within
-        while not condition():
+        while True:
+            held = condition()
+            if inspect.isawaitable(held):
+                held = await held
+            if held:
+                return
             if time.monotonic() > deadline:
                 raise StepFailed(f"{what}: not seen within {within:g} s ({self._now_seen()})")
             await asyncio.sleep(0.1)
@@ -159,13 +169,8 @@ class Story:
         await self._until(
             f"{MIN_REPLICAS} {SERVICE} instances serving", lambda: self._settled(MIN_REPLICAS)
         )
-        deadline = time.monotonic() + STEP_TIMEOUT_S
-        while not await self.mesh.probe():  # the client's sidecar has seen them too
-            if time.monotonic() > deadline:
-                raise StepFailed(
-                    f"no call through the client's sidecar answered ({self._now_seen()})"
-                )
-            await asyncio.sleep(0.1)
+        # The client's sidecar has seen them too: a call through it is answered.
+        await self._until("a call through the client's sidecar answered", self.mesh.probe)
         self.mesh.set_rate(BASE_RPS)
         self.observer.note("load", f"load starts: {BASE_RPS:g} calls/s")
         tally = self.observer.tally

@@ -149,10 +149,8 @@ class InstanceLauncher:
 class UpMesh:
     """The running mesh the story acts on (ringmesh.story.StoryMesh)."""
 
-    def __init__(self, etcd_url: str, logs: Path, *, say: Callable[[str], None]) -> None:
+    def __init__(self, etcd_url: str, logs: Path) -> None:
         self.etcd_url = etcd_url
-        self.logs = logs
-        self.say = say
         self.layout = KeyLayout(DEFAULT_PREFIX)
         self.launcher = InstanceLauncher(etcd_url, logs)
         self.actuator = LocalActuator(self.launcher, alive=lambda handle: handle.alive())
@@ -292,7 +290,7 @@ async def _run(duration: float | None, as_json: bool, etcd_members: int) -> int:
     try:
         await _interruptible(asyncio.to_thread(etcd.start), stop)
         say(f"etcd at {etcd.url}" + (f" ({etcd_members} members)" if etcd_members > 1 else ""))
-        mesh = UpMesh(etcd.url, logs, say=say)
+        mesh = UpMesh(etcd.url, logs)
         try:
             outbound = await _interruptible(mesh.start(), stop)
             say(
