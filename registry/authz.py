@@ -26,7 +26,7 @@ from typing import Self
 from registry.errors import InvalidName, RecordError, WriteConflict
 from registry.etcd import EtcdClient
 from registry.keys import KeyLayout, validate_service
-from registry.lease import Sleep
+from registry.lease import Backoff, Sleep
 from registry.records import load_object, record_error, string_list
 from registry.watch import PrefixWatch
 
@@ -152,7 +152,7 @@ class AuthzWatch:
         on_change: Callable[[AuthzMap], None] = lambda _rules: None,
         *,
         sleep: Sleep = asyncio.sleep,
-        retry_interval: float = 0.5,
+        backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         self._layout = layout
         self._on_change = on_change
@@ -167,7 +167,7 @@ class AuthzWatch:
             name="authz",
             keeping="enforcing the last authz records",
             sleep=sleep,
-            retry_interval=retry_interval,
+            backoff=backoff,
         )
         self.ready = self._watch.ready
 

@@ -17,7 +17,7 @@ from types import MappingProxyType
 from registry.errors import InvalidName, RecordError
 from registry.etcd import EtcdClient, KeyValue
 from registry.keys import KeyLayout
-from registry.lease import Sleep
+from registry.lease import Backoff, Sleep
 from registry.records import InstanceRecord, parse_or_skip
 from registry.watch import PrefixWatch
 
@@ -104,7 +104,7 @@ class TopologyWatch:
         on_change: Callable[[Topology], None] = lambda _t: None,
         services: Sequence[str] = (),
         sleep: Sleep = asyncio.sleep,
-        retry_interval: float = 0.5,
+        backoff: Callable[[], Backoff] = Backoff,
     ) -> None:
         self._on_change = on_change
         self._layout = layout
@@ -125,7 +125,7 @@ class TopologyWatch:
                 name=name,
                 keeping="routing on the last topology",
                 sleep=sleep,
-                retry_interval=retry_interval,
+                backoff=backoff,
             )
             for prefix, name in scopes or [(layout.instances, "topology")]
         ]

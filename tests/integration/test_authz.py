@@ -30,6 +30,7 @@ from registry.embedded import EmbeddedEtcd
 from registry.errors import EtcdUnavailable
 from registry.etcd import EtcdClient, EtcdConfig
 from registry.keys import KeyLayout
+from registry.lease import Backoff
 from ringmesh import cli
 from tests.waiting import eventually
 
@@ -330,7 +331,9 @@ def test_watch_keeps_the_rules_while_etcd_is_down_and_resumes(
         async with EtcdClient(config) as client, EtcdClient(config) as other:
             await other.put(layout.authorization("payments"), b'{"allow":["orders"]}', lease=None)
             seen: list[AuthzMap] = []
-            watch = AuthzWatch(client, layout, seen.append, retry_interval=0.1)
+            watch = AuthzWatch(
+                client, layout, seen.append, backoff=lambda: Backoff(base=0.1, cap=0.1)
+            )
             async with running(watch.run()) as task:
                 await asyncio.wait_for(watch.ready.wait(), 5)
                 assert watch.rules == {"payments": {"orders"}}

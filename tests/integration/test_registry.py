@@ -30,13 +30,19 @@ from registry.embedded import EmbeddedEtcd, find_etcd, free_port
 from registry.errors import EtcdError, EtcdUnavailable
 from registry.etcd import EtcdClient, EtcdConfig, WatchEvent
 from registry.keys import KeyLayout
-from registry.lease import LeaseKeeper
+from registry.lease import Backoff, LeaseKeeper
 from registry.records import InstanceRecord
 from registry.topology import Topology, TopologyWatch, read_topology
 from tests.integration.certs import Pki, make_pki, openssl
 from tests.waiting import eventually
 
 pytestmark = pytest.mark.integration
+
+
+def quick_retry() -> Backoff:
+    """Retries within 0.1 s: the watches under test come back fast."""
+    return Backoff(base=0.1, cap=0.1)
+
 
 _ports = iter(range(20000, 30000))
 
@@ -649,7 +655,7 @@ def test_topology_watch_survives_a_failed_watch_stream(
             EtcdClient(EtcdConfig.from_urls(proxy.url, timeout=2.0)) as client,
         ):
             await direct.put(layout.instance("echo", "a"), record("a").to_json(), lease=None)
-            watch = TopologyWatch(client, layout, retry_interval=0.1)
+            watch = TopologyWatch(client, layout, backoff=quick_retry)
             async with running(watch.run()) as task:
                 await asyncio.wait_for(watch.ready.wait(), 5)
                 assert ids(watch.topology) == {"echo/a"}
@@ -793,7 +799,7 @@ def test_watch_relists_when_its_resume_revision_was_compacted(
 
         config = EtcdConfig.from_urls(etcd.url, timeout=1.0)
         async with EtcdClient(config) as client, EtcdClient(config) as other:
-            watch = TopologyWatch(client, layout, sleep=gated_sleep, retry_interval=0.1)
+            watch = TopologyWatch(client, layout, sleep=gated_sleep, backoff=quick_retry)
             for name in ("a", "b"):
                 await other.put(layout.instance("echo", name), record(name).to_json(), lease=None)
             async with running(watch.run()) as task:
@@ -955,3 +961,30 @@ def test_garbage_that_breaks_the_parser_is_skipped(
             assert bad in skipped_keys(caplog)
 
     asyncio.run(scenario())
+
+
+def test_a_watch_of_an_unreachable_etcd_backs_off_to_5_s_between_tries() -> None:
+    """Nothing listens at the address: every try fails at once, and the waits between
+    them double from 0.25 s up to the 5 s cap (full jitter: here its longest draw),
+    instead of a fixed 0.5 s that a whole fleet would repeat in step."""
+    waits: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        if len(waits) == 7:
+            raise asyncio.CancelledError
+
+    async def scenario() -> None:
+        url = f"http://127.0.0.1:{free_port()}"
+        async with EtcdClient(EtcdConfig.from_urls(url, timeout=1.0)) as client:
+            watch = TopologyWatch(
+                client,
+                KeyLayout("/ringmesh/v1"),
+                sleep=sleep,
+                backoff=lambda: Backoff(random_source=lambda: 1.0),
+            )
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(watch.run(), 30)
+
+    asyncio.run(scenario())
+    assert waits == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0]
