@@ -40,7 +40,7 @@ from registry.etcd import EtcdClient, EtcdConfig
 from registry.keys import KeyLayout
 from registry.lease import LeaseKeeper
 from registry.records import SERVING, InstanceRecord
-from registry.scaling import LoadReport
+from registry.scaling import METRICS, LoadReport
 from registry.topology import Registered, Topology, TopologyWatch, parse_entry
 from sidecar.load import (
     DEFAULT_THRESHOLDS,
@@ -162,6 +162,18 @@ class SteadyReadings:
         )
 
 
+MIXED = "mixed"
+SCALED_ON = (*METRICS, MIXED)  # every service scaling on one metric, or a third on each
+
+
+def metric_of(i: int, services: int, scaled_on: str) -> str:
+    """The metric instance ``i``'s service scales on (``profiles`` puts i in service
+    i % services)."""
+    if scaled_on != MIXED:
+        return scaled_on
+    return METRICS[(i % max(1, services)) % len(METRICS)]
+
+
 def simulate_load_writes(
     *,
     instances: int,
@@ -169,10 +181,12 @@ def simulate_load_writes(
     seconds: int,
     model: str,
     seed: int,
+    scaled_on: str,
     thresholds: RewriteThresholds = DEFAULT_THRESHOLDS,
 ) -> dict[str, Any]:
     """Every instance reads its load once a second for ``seconds`` (after a warm-up of
-    ``max_interval_s`` + 10 s, uncounted); ``worth_writing`` decides each write. Each
+    ``max_interval_s`` + 10 s, uncounted); ``worth_writing`` decides each write, every
+    service scaling on ``scaled_on`` (``metric_of``). Each
     instance starts at a random second, as a fleet's sidecars do. Instances are
     independent: a sample of a fleet gives its rate per instance."""
     readings = SteadyReadings(profiles(instances, services, seed), model, seed + 1)
@@ -182,6 +196,7 @@ def simulate_load_writes(
         rng.randrange(0, max(1, math.ceil(thresholds.max_interval_s))) for _ in range(instances)
     ]
     written: list[Written | None] = [None] * instances
+    metrics = [metric_of(i, services, scaled_on) for i in range(instances)]
     writes = 0
     causes: Counter[str] = Counter()
     started = time.perf_counter()
@@ -193,7 +208,8 @@ def simulate_load_writes(
                 continue
             reading = readings.reading(i, now)
             last = written[i]
-            if not worth_writing(reading, last, now=now, thresholds=thresholds):
+            metric = metrics[i]
+            if not worth_writing(reading, last, now=now, scaled_on=metric, thresholds=thresholds):
                 continue
             written[i] = Written(reading, now)
             if counted:
@@ -203,10 +219,11 @@ def simulate_load_writes(
                 elif now - last.at >= thresholds.max_interval_s:
                     causes["max_interval"] += 1
                 else:
-                    causes.update(changed_fields(last.report, reading, thresholds))
+                    causes.update(changed_fields(last.report, reading, thresholds, among=(metric,)))
     per_instance_s = writes / instances / seconds if instances and seconds else 0.0
     return {
         "model": model,
+        "scaled_on": scaled_on,
         "instances": instances,
         "seconds_simulated": seconds,
         "warmup_s": warmup,
@@ -451,13 +468,21 @@ class Registrar:
         return events
 
     async def write_loads(
-        self, seconds: float, services: int, model: str, seed: int, max_inflight: int
+        self,
+        seconds: float,
+        services: int,
+        model: str,
+        scaled_on: str,
+        seed: int,
+        max_inflight: int,
     ) -> dict[str, Any]:
         """Each instance reads a simulated steady load every second; a reading
-        ``worth_writing`` is put as its ``load/`` record under the instance's lease
-        (what a sidecar's reporter does). Instances are spread over the second."""
+        ``worth_writing`` (on its service's metric, ``metric_of``) is put as its ``load/``
+        record under the instance's lease (what a sidecar's reporter does). Instances are
+        spread over the second."""
         held = list(self._held.values())
         n = len(held)
+        metrics = [metric_of(i, services, scaled_on) for i in range(n)]
         readings = SteadyReadings(profiles(n, services, seed), model, seed + 1)
         # Steady from the first second: every instance wrote its last record some time
         # in the last max interval (as a fleet that has been running has).
@@ -490,7 +515,7 @@ class Registrar:
             now = time.monotonic() - started
             for i in range(slot, n, slices):
                 reading = readings.reading(i, now)
-                if not worth_writing(reading, written[i], now=now):
+                if not worth_writing(reading, written[i], now=now, scaled_on=metrics[i]):
                     continue
                 lease = held[i].keeper.lease_id
                 if lease is None:
@@ -773,7 +798,12 @@ async def _run(
             return await registrar.churn(args["seconds"], args["interval"], args["max_changes"])
         if command == "write_loads":
             return await registrar.write_loads(
-                args["seconds"], args["services"], args["model"], args["seed"], args["max_inflight"]
+                args["seconds"],
+                args["services"],
+                args["model"],
+                args["scaled_on"],
+                args["seed"],
+                args["max_inflight"],
             )
     raise ValueError(f"command {command!r} is not for this role")
 

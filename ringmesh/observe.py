@@ -58,6 +58,9 @@ class InstanceRow:
     p99_ms: float | None
     error_rate: float | None
     hit_rate: float | None
+    # How old its load/ record is: a sidecar rewrites it when the policy's metric moves or
+    # every 30 s (sidecar/load.py), so the other columns are as of then.
+    report_age_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,7 @@ class MeshObserver:
         except OSError:
             stats = {}
         table = RoutingTable.build(topology)
+        wall = time.time()
         services: dict[str, ServiceRow] = {}
         for service in sorted(set(topology.services) | set(targets)):
             ring = table.rings.get(service)
@@ -151,6 +155,7 @@ class MeshObserver:
                         p99_ms=None if load is None else load.p99_ms,
                         error_rate=None if load is None else load.error_rate,
                         hit_rate=self.tally.hit_rate(record.id),
+                        report_age_s=None if load is None else max(0.0, wall - load.ts),
                     )
                 )
             services[service] = ServiceRow(service, tuple(rows), targets.get(service))

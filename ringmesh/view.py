@@ -16,6 +16,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import TextIO
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.logging import RichHandler
@@ -75,12 +76,21 @@ def render(observer: MeshObserver, step: str) -> Group:
             title = f"{service.name}: {service.live} live"
             if target is not None:
                 title += f", target {target.replicas} ({target.reason})"
-            table = Table(title=title, title_justify="left", expand=False)
+            # No vertical rules: nine columns fit an 80-column terminal uncut.
+            table = Table(
+                title=title,
+                title_justify="left",
+                expand=False,
+                box=box.SIMPLE_HEAD,
+                pad_edge=False,
+                collapse_padding=True,
+            )
             for column in ("instance", "state", "ring", "calls/s", "in-flight", "p99", "errors"):
                 table.add_column(
                     column, justify="left" if column in ("instance", "state") else "right"
                 )
             table.add_column("hit rate", justify="right")
+            table.add_column("age", justify="right")  # of the load/ record the numbers are from
             for row in service.instances:
                 table.add_row(
                     row.id,
@@ -91,6 +101,7 @@ def render(observer: MeshObserver, step: str) -> Group:
                     _number(row.p99_ms, 1, " ms"),
                     _percent(row.error_rate),
                     _percent(row.hit_rate),
+                    _number(row.report_age_s, 0, " s"),
                     style="yellow" if row.state != "serving" else None,
                 )
             parts.append(table)

@@ -42,7 +42,7 @@ from registry.scaling import LoadReport, Policy, Target
 from registry.topology import read_topology
 from scaler.actuators import Actuator
 from scaler.budget import BudgetRequest, allocate
-from scaler.policy import Decision, Recommender
+from scaler.policy import DEFAULT_STALE_AFTER_S, Decision, Recommender
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ class ScalerConfig:
     ttl: int = 10
     max_total_replicas: int | None = None
     # A load report older than this counts as missing. Sidecars rewrite an unchanged
-    # record only every 10 s (sidecar.load.RewriteThresholds.max_interval_s), so a
-    # live instance's record may be ~11 s old: missing means three rewrites missed.
-    stale_after: float = 30.0
+    # record only every 30 s (sidecar.load.RewriteThresholds.max_interval_s), so a
+    # live instance's record may be ~31 s old: missing means three rewrites missed.
+    stale_after: float = DEFAULT_STALE_AFTER_S
 
     def __post_init__(self) -> None:
         validate_instance_id(self.scaler_id)

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from registry.scaling import MAX_REPLICAS, P99_MS, PREDICTIVE, LoadReport, Policy
 from scaler.forecast import DEFAULT_ALPHA, DEFAULT_BETA, HoltForecaster
 
-DEFAULT_STALE_AFTER_S = 30.0
+DEFAULT_STALE_AFTER_S = 90.0  # three of a sidecar's 30 s rewrites missed (sidecar/load.py)
 SCALE_UP_PERCENT = 100
 SCALE_UP_INSTANCES = 4
 SCALE_DOWN_PERCENT = 100

@@ -10,22 +10,28 @@ difference between two readings is the window the record describes. The
 same histogram feeds /metrics and OTLP: one counting path, not two.
 
 Not every reading is written: ``worth_writing`` lets a sidecar skip a reading
-that differs from the record in etcd by less than ``RewriteThresholds`` and
-rewrite an unchanged one only every ``max_interval_s``, so a steady fleet
-writes about 1/``max_interval_s`` records per instance per second instead of
-1/``report_interval``. The record lives under the instance's lease, so a
+whose *scaled* field (the one the service's policy scales on, ``rps`` without a
+policy) differs from the record in etcd by less than ``RewriteThresholds``, and
+rewrite an unchanged one only every ``max_interval_s`` (30 s), so a steady
+fleet writes about 1/``max_interval_s`` records per instance per second
+instead of 1/``report_interval``. The other fields ride along with each write:
+they are as fresh as the last write, at most ``max_interval_s`` old (live
+numbers are on /metrics). The record lives under the instance's lease, so a
 record not rewritten is still the instance's; readers treat a record as
-missing only once it is older than a few max intervals (the scaler's
+missing only once it is older than three max intervals (the scaler's
 ``stale_after``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, fields
 
-from registry.scaling import LoadReport
+from registry.scaling import RPS, LoadReport
+
+# The fields a reading is compared on (LoadReport's, but ts and window_s).
+FIELDS = ("rps", "inflight", "error_rate", "p50_ms", "p99_ms")
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,12 @@ class RewriteThresholds:
     floor (the floors keep an idle or nearly idle instance from writing its
     noise: 0.2 -> 0.4 rps is +100%). A rate counted over a window is Poisson
     noise of its own (sd sqrt(calls)/window: 7% at 200 calls, 22% at 20), so rps
-    must also move by ``rps_noise_sds`` of those. The percentiles come from
+    must also move by ``noise_sds`` of those. In-flight (the window's time
+    average, calls x their mean duration / window) carries the same relative
+    noise at least, so it must move by ``noise_sds`` of it too, capped at
+    ``inflight_noise_cap`` (at 5 calls a window 3 sd is 134%: a fall to nothing
+    would never be written). A real shift still shows within seconds: readings
+    scatter around the new mean and one soon crosses. The percentiles come from
     histogram buckets and move 15-20% between steady 1 s windows, hence their
     wider threshold. Measured in the README ("Load records").
     """
@@ -101,11 +112,12 @@ class RewriteThresholds:
     relative: float = 0.10
     latency_relative: float = 0.5
     rps_floor: float = 1.0
-    rps_noise_sds: float = 3.0
+    noise_sds: float = 3.0
     inflight_floor: float = 0.2
+    inflight_noise_cap: float = 0.5
     error_rate_floor: float = 0.01
     latency_floor_ms: float = 5.0
-    max_interval_s: float = 10.0
+    max_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -126,20 +138,35 @@ class Written:
 
 
 def changed_fields(
-    written: LoadReport, reading: LoadReport, thresholds: RewriteThresholds = DEFAULT_THRESHOLDS
+    written: LoadReport,
+    reading: LoadReport,
+    thresholds: RewriteThresholds = DEFAULT_THRESHOLDS,
+    *,
+    among: Collection[str] = FIELDS,
 ) -> tuple[str, ...]:
-    """The fields of ``reading`` that moved past the thresholds since ``written``."""
+    """The fields of ``reading`` (of those ``among``) that moved past the thresholds
+    since ``written``."""
+    unknown = set(among) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"no such load field: {sorted(unknown)}; the fields are {FIELDS}")
     window = max(reading.window_s, 1e-3)
-    rps_noise = thresholds.rps_noise_sds * math.sqrt(written.rps / window)
+    calls = written.rps * window  # the calls a window like this one counts, by the record
+    rps_noise = thresholds.noise_sds * math.sqrt(written.rps / window)
+    inflight_noise = thresholds.noise_sds / math.sqrt(calls) if calls > 0 else 0.0
     rules = {
         "rps": (thresholds.relative, max(thresholds.rps_floor, rps_noise)),
-        "inflight": (thresholds.relative, thresholds.inflight_floor),
+        "inflight": (
+            max(thresholds.relative, min(thresholds.inflight_noise_cap, inflight_noise)),
+            thresholds.inflight_floor,
+        ),
         "error_rate": (thresholds.relative, thresholds.error_rate_floor),
         "p50_ms": (thresholds.latency_relative, thresholds.latency_floor_ms),
         "p99_ms": (thresholds.latency_relative, thresholds.latency_floor_ms),
     }
     moved = []
     for name, (relative, floor) in rules.items():
+        if name not in among:
+            continue
         old, new = getattr(written, name), getattr(reading, name)
         if abs(new - old) > max(floor, relative * abs(old)):
             moved.append(name)
@@ -151,14 +178,19 @@ def worth_writing(
     written: Written | None,
     *,
     now: float,
+    scaled_on: str = RPS,
     thresholds: RewriteThresholds = DEFAULT_THRESHOLDS,
 ) -> bool:
     """Write ``reading`` now? Yes for the first record, once ``max_interval_s`` has passed
-    since the last write, or when a field moved past the thresholds.
+    since the last write, or when ``scaled_on`` (the metric of the service's policy)
+    moved past its threshold.
 
-    Compared with the record *in etcd*, not the previous reading: a slow drift
-    adds up until it is written.
+    Only the scaled field triggers a write: it is what the scaler decides on, and
+    every other field would add its own noise crossings to the fleet's write rate
+    (in-flight and p99 crossed 4x as often as rps in bench/bench_fleet.py's noisy
+    model). Compared with the record *in etcd*, not the previous reading: a slow
+    drift adds up until it is written.
     """
     if written is None or now - written.at >= thresholds.max_interval_s:
         return True
-    return bool(changed_fields(written.report, reading, thresholds))
+    return bool(changed_fields(written.report, reading, thresholds, among=(scaled_on,)))

@@ -21,6 +21,7 @@ from registry.errors import ConfigError
 from registry.etcd import EtcdClient
 from registry.keys import KeyLayout
 from registry.lease import LeaseKeeper
+from registry.policy_watch import PolicyWatch
 from registry.topology import Topology, TopologyWatch
 from sidecar.admin import AdminServer
 from sidecar.config import SidecarConfig, join_hostport, split_hostport
@@ -63,6 +64,7 @@ class Sidecar:
         self._latest: Topology | None = None
         self._rebuild_scheduled = False
         self._registration: Registration | None = None
+        self._policy: PolicyWatch | None = None
         self._routing = asyncio.Event()  # the first topology is installed
         self.registered = False
         self._draining = False
@@ -182,7 +184,9 @@ class Sidecar:
                 version=VERSION,
             )
             loops["register"] = self._registration.run(registered=lambda: self._registered(ports))
-            loops["load"] = self._report_load(keeper, telemetry, instance_id)
+            self._policy = PolicyWatch(etcd, self.layout, config.service)
+            loops["policy-watch"] = self._policy.run()
+            loops["load"] = self._report_load(keeper, telemetry, instance_id, self._policy)
         else:
             loops["ready"] = self._announce_ready(ports)
         if config.otlp_endpoint:
@@ -219,10 +223,15 @@ class Sidecar:
         await asyncio.Event().wait()
 
     async def _report_load(
-        self, keeper: LeaseKeeper, telemetry: TelemetryPipeline, instance_id: str
+        self,
+        keeper: LeaseKeeper,
+        telemetry: TelemetryPipeline,
+        instance_id: str,
+        policy: PolicyWatch,
     ) -> None:
         """Every report interval, a reading from the same histogram /metrics serves; written
-        to load/ only when it changed or the last write is old (``worth_writing``)."""
+        to load/ only when the metric the service scales on changed or the last write is
+        old (``worth_writing``)."""
         key = self.layout.load(self.config.service, instance_id)
         previous = telemetry.server_totals()
         busy = self.plane.busy_seconds()
@@ -233,7 +242,7 @@ class Sidecar:
             reading = window_load(previous, now, busy_s=busy_now - busy, wall=time.time())
             previous, busy = now, busy_now
             at = self._clock()
-            if self.registered and worth_writing(reading, written, now=at):
+            if self.registered and worth_writing(reading, written, now=at, scaled_on=policy.metric):
                 await keeper.put(key, reading.to_json())
                 written = Written(reading, at)
 
@@ -247,7 +256,13 @@ class Sidecar:
         stats = self.plane.stats()
         for series in ("server", "client"):
             stats.pop(series, None)
-        return {**stats, "registered": self.registered, "topology_revision": self.plane.revision()}
+        return {
+            **stats,
+            "registered": self.registered,
+            "topology_revision": self.plane.revision(),
+            # the load/ field whose change is written at once (the others ride along)
+            "load_scaled_on": None if self._policy is None else self._policy.metric,
+        }
 
     async def _drain(self) -> None:
         """Mark draining, serve in-flight and late calls, deregister, stop."""

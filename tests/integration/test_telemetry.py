@@ -13,7 +13,11 @@ import pytest
 
 from proto import demo_pb2
 from registry.etcd import EtcdClient, EtcdConfig
-from tests.mesh import Mesh
+from registry.scaling import LoadReport
+from ringmesh import cli
+from tests.load import Load
+from tests.mesh import Mesh, stats
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +111,36 @@ def test_metrics_and_load_record_reflect_real_calls(mesh: Mesh) -> None:
     assert doc["rps"] > 10
     assert 5.0 <= doc["p50_ms"] <= doc["p99_ms"] < 1000  # milliseconds; each call >= 5 ms
     assert doc["error_rate"] == 0.0
+
+
+def test_the_load_record_is_rewritten_at_once_for_the_metric_its_policy_scales_on(
+    mesh: Mesh,
+) -> None:
+    """Without a policy a sidecar writes early on rps; `ringmesh policy set` reaches it
+    through its own watch, and a move of the policy's metric is written within seconds,
+    not at the 30 s max interval."""
+    echo = mesh.add("echo", None, "--report-interval", "0.2")
+    client = mesh.add("client")
+    common = ["--etcd", mesh.etcd.url, "--prefix", mesh.prefix]
+    scaled_on = lambda: stats(echo)["load_scaled_on"]  # noqa: E731
+    assert scaled_on() == "rps"
+
+    async def record() -> LoadReport:
+        async with EtcdClient(EtcdConfig.from_urls(mesh.etcd.url)) as etcd:
+            kv = await etcd.get(mesh.layout.load("echo", echo.name))
+            assert kv is not None
+            return LoadReport.from_json(kv.value)
+
+    set_ = ["policy", "set", "echo", "--min", "1", "--max", "3", "--metric", "inflight"]
+    assert cli.main([*set_, "--target", "2", *common]) == 0
+    until(lambda: scaled_on() == "inflight", within=10, what="the sidecar on the new policy")
+    idle = asyncio.run(record())
+    with Load(client.outbound, callers=4, idempotent=True, delay_ms=300, keys=20):
+        # Four callers of 300 ms calls hold ~4 in flight: written as soon as it shows.
+        until(
+            lambda: asyncio.run(record()).inflight > 2.0,
+            within=10,
+            what=f"an in-flight record above 2 (it was {idle.inflight} when idle)",
+        )
+    assert cli.main(["policy", "delete", "echo", *common]) == 0
+    until(lambda: scaled_on() == "rps", within=10, what="the sidecar back on rps")

@@ -265,7 +265,7 @@ def test_no_report_at_all_keeps_current_and_remembers_nothing() -> None:
     assert (d.replicas, d.metric, d.recommendation) == (3, None, None)
     assert d.reason == "no fresh load report from any of 3 instances: keeping 3"
     assert r.history("svc") == ()
-    stale = loads(50, 50, ts=NOW - 60)
+    stale = loads(50, 50, ts=NOW - DEFAULT_STALE_AFTER_S - 1)
     assert decide(policy(target=10), 2, stale, recommender=r).replicas == 2
 
 

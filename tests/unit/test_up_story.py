@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import io
 import random
 from collections import Counter
 from typing import Any
 
 import pytest
+from rich.console import Console
 
 from registry.scaling import Target
 from ringmesh.loadgen import KEYED, UNKEYED, Tally, ZipfKeys
 from ringmesh.observe import InstanceRow, MeshObserver, Reading, ServiceRow
 from ringmesh.story import summary_text
+from ringmesh.view import render
 
 
 def test_zipf_keys_rank_by_popularity_within_the_range() -> None:
@@ -126,3 +129,23 @@ def test_summary_text_names_the_failed_step() -> None:
     assert text.splitlines()[0] == "story FAILED at step 'failover' in 61 s"
     assert "hit rate: keyed 50.0%, unkeyed 25.0%" in text
     assert "FAIL failover" in text and "ok   scale-out" in text
+
+
+def test_the_instance_table_fits_an_80_column_terminal_uncut() -> None:
+    # A column too many once cut every cell to "cache…", so the instances could not be told
+    # apart on a default-sized terminal.
+    rows = tuple(
+        InstanceRow(f"cache-{i}", state, 0.46, 125.0, 12.1, 114.4, 0.01, 0.49, 25.0)
+        for i, state in enumerate(["serving", "draining", "serving", "serving", "serving"], 1)
+    )
+    observer = MeshObserver(client=None, layout=None, tally=Tally(), stats=dict)  # type: ignore[arg-type]
+    observer.reading = Reading(1.0, {"cache": ServiceRow("cache", rows, None)}, "scaler-a", 3, 0)
+    out = io.StringIO()
+    Console(file=out, width=80).print(render(observer, "scale-out"))
+    text = out.getvalue()
+    assert "…" not in text, text
+    for header in ("instance", "state", "ring", "calls/s", "in-flight", "p99", "errors", "age"):
+        assert header in text
+    for i in range(1, 6):
+        assert f"cache-{i} " in text
+    assert "draining" in text and "114.4 ms" in text and "25 s" in text
