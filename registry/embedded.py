@@ -171,16 +171,16 @@ class EtcdMember:
             self._proc.send_signal(signal.SIGCONT)
 
     def terminate(self) -> None:
+        _reap(self.begin_terminate())
+
+    def begin_terminate(self) -> subprocess.Popen[bytes] | None:
+        """SIGTERM (after a SIGCONT, in case it is paused) without waiting: ``_reap`` it."""
         proc, self._proc = self._proc, None
         if proc is None or proc.poll() is not None:
-            return
+            return None
         proc.send_signal(signal.SIGCONT)
         proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        return proc
 
 
 class EmbeddedEtcd:
@@ -277,8 +277,10 @@ class EmbeddedEtcd:
             member.kill()
 
     def _terminate(self) -> None:
-        for member in self.members:
-            member.terminate()
+        # All at once: one by one, each member but the last waits out a leader transfer
+        # or a lost quorum on its way down.
+        for proc in [member.begin_terminate() for member in self.members]:
+            _reap(proc)
 
     def stop(self) -> None:
         """Stop every member and remove the data dirs (if we made them); idempotent."""
@@ -288,3 +290,14 @@ class EmbeddedEtcd:
             for member in self.members:
                 with contextlib.suppress(FileNotFoundError):
                     member.log_path.unlink()
+
+
+def _reap(proc: subprocess.Popen[bytes] | None, timeout: float = 5.0) -> None:
+    """Wait for a terminated etcd; SIGKILL it if it takes longer than ``timeout``."""
+    if proc is None:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -6,7 +6,6 @@ Every process started is stopped by ``close()``.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from types import TracebackType
 from typing import IO, Any, Self
 
 from registry.keys import DEFAULT_PREFIX
-from ringmesh.procs import Child, demo_app, sidecar
+from ringmesh.procs import Child, demo_app, sidecar, stop_all
 
 
 @dataclass
@@ -105,9 +104,7 @@ class LocalMesh:
         return instance
 
     def close(self) -> None:
-        for child in reversed(self.children):
-            with contextlib.suppress(Exception):
-                child.stop(timeout=10)
+        stop_all(self.children, timeout=10)
         self.children.clear()
         for f in self._files:
             f.close()

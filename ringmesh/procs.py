@@ -90,17 +90,21 @@ class Child:
 
     def signal(self, sig: int) -> None:
         if self.alive():
-            os.kill(self.proc.pid, sig)
+            with contextlib.suppress(ProcessLookupError):  # it exited since the poll
+                os.kill(self.proc.pid, sig)
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM, wait, SIGKILL if needed; returns the exit status."""
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        self.signal(signal.SIGTERM)
+        return self._reap(time.monotonic() + timeout)
+
+    def _reap(self, deadline: float) -> int:
+        """Wait for the exit until ``deadline``, then SIGKILL; close its output."""
+        try:
+            self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         self._reader.join(timeout=2)  # EOF now: closing under a reading thread would raise there
         if self.proc.stdout is not None:
             self.proc.stdout.close()
@@ -110,6 +114,16 @@ class Child:
         if self.alive():
             self.proc.kill()
             self.proc.wait()
+
+
+def stop_all(children: Sequence[Child], timeout: float = 15.0) -> None:
+    """SIGTERM every child at once, then wait for them all (SIGKILL whoever is left at
+    ``timeout``): sidecars drain side by side, not one after another."""
+    for child in children:
+        child.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for child in children:
+        child._reap(deadline)
 
 
 def python_module(module: str, *args: str) -> list[str]:
