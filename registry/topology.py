@@ -53,6 +53,24 @@ class Topology:
         frozen = {name: _frozen(ids) for name, ids in sorted(services.items())}
         return cls(revision=revision, services=MappingProxyType(frozen))
 
+    def changed(
+        self, revision: int, service: str, instance_id: str, entry: Registered | None
+    ) -> Topology:
+        """This snapshot with one instance put (``entry``) or gone (None): only that
+        service's map is new, every other one is shared (by identity, which
+        RoutingTable.build uses to skip the services a change did not touch)."""
+        ids = dict(self.services.get(service, {}))
+        if entry is None:
+            ids.pop(instance_id, None)
+        else:
+            ids[instance_id] = entry
+        services = {k: v for k, v in self.services.items() if k != service}
+        if ids:
+            services[service] = _frozen(ids)
+        return Topology(
+            revision=revision, services=MappingProxyType(dict(sorted(services.items())))
+        )
+
 
 def parse_entry(
     layout: KeyLayout, key: str, value: bytes, *, lease: int, mod_revision: int
@@ -150,19 +168,9 @@ class TopologyWatch:
             every = (e for w in self._watches for e in w.entries.values())
             self.topology = Topology.build(self.revision, every)
         else:
-            # Only the changed service's map is rebuilt; the others are shared.
             name, instance_id = service
-            ids = dict(self.topology.services.get(name, {}))
-            current = entries.get(changed)
-            if current is None:
-                ids.pop(instance_id, None)
-            else:
-                ids[instance_id] = current
-            services = {k: v for k, v in self.topology.services.items() if k != name}
-            if ids:
-                services[name] = _frozen(ids)
-            self.topology = Topology(
-                revision=self.revision, services=MappingProxyType(dict(sorted(services.items())))
+            self.topology = self.topology.changed(
+                self.revision, name, instance_id, entries.get(changed)
             )
         self.ready.set()
         self._on_change(self.topology)

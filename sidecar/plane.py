@@ -20,6 +20,7 @@ from sidecar.config import SidecarConfig, join_hostport, split_hostport
 
 if TYPE_CHECKING:
     from dataplane._native import SpanTuple
+    from sidecar.ring import BoundedRing
     from sidecar.routing import RoutingTable
 
 
@@ -40,6 +41,7 @@ class NativePlane:
 
     def __init__(self, config: SidecarConfig, *, tracing: bool) -> None:
         self._config = config
+        self._installed: dict[str, BoundedRing] = {}  # the rings in the data plane, by service
         try:
             self._plane = DataPlane(
                 service=config.service,
@@ -62,14 +64,26 @@ class NativePlane:
             raise ConfigError(_user_address(str(exc), config)) from exc
 
     def install(self, table: RoutingTable) -> None:
+        """Swap ``table`` in. A service whose ring is the very one installed last time
+        (RoutingTable.build keeps the rings a change did not touch) is kept as the data
+        plane has it: at 10,000 instances one change costs its own service, not all."""
+        installed = self._installed
+        changed = [
+            (name, ring.instances, ring.lookup)
+            for name, ring in table.rings.items()
+            if installed.get(name) is not ring
+        ]
+        kept = [name for name, ring in table.rings.items() if installed.get(name) is ring]
         self._plane.install(
-            [(name, ring.instances, ring.lookup) for name, ring in table.rings.items()],
+            changed,
             sorted(table.known),
             {grpc_service: sorted(owners) for grpc_service, owners in table.declared_by.items()},
             table.draining,
             table.revision,
             sorted(table.watching),
+            kept,
         )
+        self._installed = dict(table.rings)
 
     def set_authz(self, rules: Mapping[str, frozenset[str]]) -> None:
         """The authz/ records in force (no entry for a service: every mesh peer may call it)."""

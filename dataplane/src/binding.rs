@@ -128,9 +128,13 @@ impl DataPlane {
     }
 
     /// Swap in a routing snapshot (built by the control plane from etcd).
-    /// `watching`: the services a scoped sidecar watches (empty: all), named
-    /// in the error for a call to any other.
-    #[pyo3(signature = (services, known, declared_by, draining_addresses, revision, watching = Vec::new()))]
+    /// `services`: the services whose routes are new; `keep`: the services whose
+    /// routes stay as the snapshot in force has them (shared, not rebuilt: a change
+    /// in one service of a large mesh costs that service only). A service in
+    /// neither is gone. `watching`: the services a scoped sidecar watches (empty:
+    /// all), named in the error for a call to any other.
+    #[pyo3(signature = (services, known, declared_by, draining_addresses, revision, watching = Vec::new(), keep = Vec::new()))]
+    #[allow(clippy::too_many_arguments)] // one per part of the snapshot, as Python names them
     fn install(
         &self,
         services: Vec<ServiceArg<'_>>,
@@ -139,6 +143,7 @@ impl DataPlane {
         draining_addresses: Vec<String>,
         revision: u64,
         watching: Vec<String>,
+        keep: Vec<String>,
     ) -> PyResult<()> {
         let mut snapshot = Snapshot {
             known: known.into_iter().collect(),
@@ -148,6 +153,16 @@ impl DataPlane {
             watching,
             ..Snapshot::default()
         };
+        let current = self.plane.routes.load();
+        for name in keep {
+            let Some(routes) = current.services.get(&name) else {
+                return Err(PyValueError::new_err(format!(
+                    "cannot keep the routes of service {name}: the snapshot in force has none"
+                )));
+            };
+            snapshot.known.insert(name.clone());
+            snapshot.services.insert(name, Arc::clone(routes));
+        }
         for (name, instances, lookup) in services {
             if lookup.ring.peers() != instances.len() {
                 return Err(PyValueError::new_err(format!(
@@ -170,13 +185,13 @@ impl DataPlane {
             snapshot.known.insert(name.clone());
             snapshot.services.insert(
                 name.clone(),
-                ServiceRoutes {
+                Arc::new(ServiceRoutes {
                     name,
                     peers,
                     loads,
                     ring,
                     state,
-                },
+                }),
             );
         }
         self.plane.install(snapshot);

@@ -161,9 +161,19 @@ impl Plane {
             .clone()
     }
 
-    /// Swap in a new snapshot; forget peers no longer in it.
+    /// Swap in a new snapshot; forget peers no longer in it. A service whose
+    /// routes are the very ones in force (shared by `install`'s `keep`) keeps its
+    /// counters without a look; the pool is pruned only when some routes changed.
     pub fn install(&self, snapshot: Snapshot) {
+        let old = self.routes.load_full();
+        let unchanged = |name: &str| match (old.services.get(name), snapshot.services.get(name)) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        };
         for (name, state) in lock(&self.services).iter() {
+            if unchanged(name) {
+                continue;
+            }
             let keep: HashSet<String> = snapshot
                 .services
                 .get(name)
@@ -171,14 +181,20 @@ impl Plane {
                 .unwrap_or_default();
             state.retain(&keep);
         }
-        let addresses: HashSet<String> = snapshot
-            .services
-            .values()
-            .flat_map(|r| r.peers.iter().map(|p| p.address.clone()))
-            .chain(snapshot.draining_addresses.iter().cloned())
-            .collect();
+        let same_services = old.services.len() == snapshot.services.len()
+            && snapshot.services.keys().all(|name| unchanged(name));
+        let prune = !same_services || old.draining_addresses != snapshot.draining_addresses;
         self.routes.store(Arc::new(snapshot));
-        self.peers.retain(&addresses);
+        if prune {
+            let routes = self.routes.load();
+            let addresses: HashSet<&str> = routes
+                .services
+                .values()
+                .flat_map(|r| r.peers.iter().map(|p| p.address.as_str()))
+                .chain(routes.draining_addresses.iter().map(String::as_str))
+                .collect();
+            self.peers.retain(&addresses);
+        }
     }
 
     /// Who may call this sidecar's service: a caller outside a record's list is denied.
@@ -296,5 +312,84 @@ impl Plane {
     pub fn connect_wait(&self, remaining: Option<Duration>) -> Duration {
         const MAX: Duration = Duration::from_secs(1);
         remaining.map_or(MAX, |left| MAX.min(left / 2))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balance::PeerLoad;
+    use crate::ring::Ring;
+    use crate::snapshot::{Peer, ServiceRoutes};
+
+    fn plane() -> Arc<Plane> {
+        Plane::new(PlaneConfig {
+            service: "client".into(),
+            app: None,
+            retry: RetryPolicy::default(),
+            ejection: EjectionPolicy::default(),
+            load_factor_pct: 125,
+            tracing: false,
+            tls: None,
+        })
+    }
+
+    fn routes(plane: &Plane, name: &str, ids: &[&str]) -> Arc<ServiceRoutes> {
+        let state = plane.service_state(name);
+        let nodes: Vec<(&str, u32)> = ids.iter().map(|id| (*id, 1)).collect();
+        Arc::new(ServiceRoutes {
+            name: name.into(),
+            peers: ids
+                .iter()
+                .map(|id| Peer {
+                    id: (*id).into(),
+                    address: format!("127.0.0.1:{}", 1000 + id.len()),
+                })
+                .collect(),
+            loads: ids
+                .iter()
+                .map(|id| PeerLoad {
+                    weight: 1,
+                    inflight: state.counter(id),
+                })
+                .collect(),
+            ring: Arc::new(Ring::build(&nodes, 160)),
+            state,
+        })
+    }
+
+    fn install(plane: &Plane, services: &[&Arc<ServiceRoutes>]) {
+        let mut snapshot = Snapshot::default();
+        for routes in services {
+            snapshot
+                .services
+                .insert(routes.name.clone(), Arc::clone(routes));
+        }
+        plane.install(snapshot);
+    }
+
+    #[test]
+    fn an_install_leaves_untouched_services_as_they_were_and_prunes_the_changed_one() {
+        let plane = plane();
+        let a = routes(&plane, "a", &["a1", "a2"]);
+        let b = routes(&plane, "b", &["b1", "b2"]);
+        install(&plane, &[&a, &b]);
+        let a1 = plane.service_state("a").counter("a1");
+        let b1 = plane.service_state("b").counter("b1");
+        let b2 = plane.service_state("b").counter("b2");
+
+        // b2 leaves; a's routes are shared as they are (the control plane's `keep`).
+        let b_now = routes(&plane, "b", &["b1"]);
+        install(&plane, &[&a, &b_now]);
+        let routes_now = plane.routes.load();
+        assert!(Arc::ptr_eq(&routes_now.services["a"], &a));
+        assert!(Arc::ptr_eq(&plane.service_state("a").counter("a1"), &a1));
+        assert!(Arc::ptr_eq(&plane.service_state("b").counter("b1"), &b1));
+        // b2 was forgotten: asking again makes a new counter.
+        assert!(!Arc::ptr_eq(&plane.service_state("b").counter("b2"), &b2));
+
+        // a gone altogether: its counters go too.
+        install(&plane, &[&b_now]);
+        assert!(!Arc::ptr_eq(&plane.service_state("a").counter("a1"), &a1));
     }
 }

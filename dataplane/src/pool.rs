@@ -123,8 +123,8 @@ impl Pool {
     }
 
     /// Drop connections to addresses no longer registered (calls on them finish).
-    pub fn retain(&self, addresses: &HashSet<String>) {
-        lock(&self.upstreams).retain(|a, _| addresses.contains(a));
+    pub fn retain(&self, addresses: &HashSet<&str>) {
+        lock(&self.upstreams).retain(|a, _| addresses.contains(a.as_str()));
     }
 
     pub fn clear(&self) {

@@ -67,7 +67,8 @@ impl ServiceState {
 /// The routing snapshot: services with their rings, and how calls name them.
 #[derive(Default)]
 pub struct Snapshot {
-    pub services: HashMap<String, ServiceRoutes>,
+    /// Shared with the snapshot before for every service a change did not touch.
+    pub services: HashMap<String, Arc<ServiceRoutes>>,
     /// Services ever seen: one with no serving instance is "no live instance", not unknown.
     pub known: HashSet<String>,
     /// gRPC service (`pkg.Svc`) -> the mesh services that declare it.
