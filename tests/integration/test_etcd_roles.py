@@ -33,6 +33,7 @@ from registry.keys import KeyLayout
 from registry.scaling import Policy, Target
 from ringmesh.procs import Child, python_module
 from tests.integration.certs import make_pki, openssl
+from tests.load import Load
 from tests.mesh import Instance, stats
 from tests.waiting import until
 
@@ -483,14 +484,17 @@ def test_a_sidecar_and_a_scaler_work_under_their_roles_across_token_expiry(
             assert still is not None and (still[0], still[2]) == (record[0], record[2])
             load_before = read_as_root(etcd, LAYOUT.load("echo", "echo-1"))
             assert load_before is not None
-            until(
-                lambda: (
-                    (read_as_root(etcd, LAYOUT.load("echo", "echo-1")) or load_before)[1]
-                    > load_before[1]
-                ),
-                within=5,
-                what="echo-1 still reporting load",
-            )
+            # An unchanged record is rewritten only every 30 s: calls move the metric the
+            # policy scales on (in-flight), and that is written at once, if the put works.
+            with Load(echo1.outbound, callers=4, idempotent=True, delay_ms=100, keys=10):
+                until(
+                    lambda: (
+                        (read_as_root(etcd, LAYOUT.load("echo", "echo-1")) or load_before)[1]
+                        > load_before[1]
+                    ),
+                    within=5,
+                    what="echo-1 still reporting load",
+                )
             # A new instance registers, and echo-1's sidecar routes to it.
             echo2 = mesh.add("echo", "echo-2", *sidecar_flags, env=etcd.env(PASSWORD))
             joined = read_as_root(etcd, LAYOUT.instance("echo", "echo-2"))
