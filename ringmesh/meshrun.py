@@ -7,7 +7,8 @@ scaler with the local actuator runs its instances. Instances announce
 themselves in a private run directory (``<id>.json``: ports, pids, state),
 which is how the instances a scaler starts are shown too.
 
-Stops on Ctrl-C, SIGTERM, SIGHUP or after ``--for SECONDS``: 0 once it ran, 128+signal
+Stops on Ctrl-C, SIGTERM, SIGHUP or after ``--for SECONDS`` (a second signal: at once,
+SIGKILL instead of a drain): 0 once it ran, 128+signal
 if interrupted while starting, 1 (naming it) if a process died on its own.
 With ``--json`` stdout is one JSON document, printed at the end, and the lines
 about what runs go to stderr.
@@ -36,7 +37,7 @@ from registry.embedded import EmbeddedEtcd
 from registry.errors import MeshError
 from registry.keys import DEFAULT_PREFIX
 from ringmesh.meshfile import MeshFile, ServiceSpec
-from ringmesh.procs import Child, python_module
+from ringmesh.procs import Child, python_module, stop_all
 from ringmesh.view import emit
 
 START_TIMEOUT_S = 120.0  # every instance running (an instance gives its app 60 s to listen)
@@ -50,17 +51,22 @@ class _Interrupted(Exception):
 
 def run_mesh(mesh: MeshFile, *, duration: float | None, as_json: bool, etcd_members: int) -> int:
     stop = threading.Event()
+    hurry = threading.Event()  # a second signal: kill what is left instead of draining it
     received: list[int] = []
+    out = sys.stderr if as_json else sys.stdout
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
+        if stop.is_set() and not hurry.is_set():
+            hurry.set()
+            emit("ringmesh up: stopping at once", out)
         stop.set()
 
     # SIGHUP too: a closed terminal must not leave the instances (in sessions of their
     # own) running.
     signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
     previous = {sig: signal.signal(sig, on_signal) for sig in signals}
-    run = _Run(mesh, stop, out=sys.stderr if as_json else sys.stdout)
+    run = _Run(mesh, stop, hurry, out=out)
     try:
         run.main(duration, etcd_members)
     finally:
@@ -83,6 +89,7 @@ def run_mesh(mesh: MeshFile, *, duration: float | None, as_json: bool, etcd_memb
 class _Run:
     mesh: MeshFile
     stop: threading.Event
+    hurry: threading.Event
     out: TextIO
     etcd_url: str = ""
     run_dir: Path | None = None
@@ -250,14 +257,11 @@ class _Run:
         return missing
 
     def stop_all(self) -> None:
-        """SIGTERM everything at once (instances drain together), wait, then kill; then
-        whatever an instance that was killed left behind."""
+        """SIGTERM everything at once (instances drain together), wait, then kill (at
+        once after a second signal); then whatever an instance that was killed left
+        behind."""
         children = [*self.replicas.values(), *([self.scaler] if self.scaler else [])]
-        for child in children:
-            child.signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for child in children:
-            child.stop(timeout=max(0.1, deadline - time.monotonic()))
+        stop_all(children, STOP_TIMEOUT_S, hurry=self.hurry)
         assert self.run_dir is not None
         for path in self.run_dir.glob("*.json"):
             with contextlib.suppress(OSError, ValueError):

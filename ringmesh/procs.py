@@ -116,13 +116,22 @@ class Child:
             self.proc.wait()
 
 
-def stop_all(children: Sequence[Child], timeout: float = 15.0) -> None:
-    """SIGTERM every child at once, then wait for them all (SIGKILL whoever is left at
-    ``timeout``): sidecars drain side by side, not one after another."""
+def stop_all(
+    children: Sequence[Child], timeout: float = 15.0, *, hurry: threading.Event | None = None
+) -> None:
+    """SIGTERM every child at once, then wait for them all: sidecars drain side by side,
+    not one after another. Whoever is left at ``timeout``, or once ``hurry`` is set (a
+    second Ctrl-C), is SIGKILLed."""
     for child in children:
         child.signal(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     for child in children:
+        while child.alive() and time.monotonic() < deadline:
+            if hurry is not None and hurry.is_set():
+                deadline = time.monotonic()
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.proc.wait(timeout=0.1)
         child._reap(deadline)
 
 

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -266,6 +267,51 @@ def test_sigterm_while_starting_exits_143_and_stops_everything() -> None:
         assert pids, "backend-1 announced its app"
         up.proc.send_signal(signal.SIGTERM)
         assert up.finish() == 143, up.text()[-3000:]
+        assert "Traceback" not in up.text()
+        _nothing_left(marks, pids)
+
+
+STUBBORN = """\
+import signal, sys, time
+from concurrent import futures
+import grpc
+
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # it drains for ever, as far as anyone can tell
+server = grpc.server(futures.ThreadPoolExecutor(1))
+server.add_insecure_port(f"127.0.0.1:{sys.argv[1]}")
+server.start()
+print("listening", flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_second_sigterm_while_stopping_kills_at_once(tmp_path: Path) -> None:
+    """The first signal drains (an app that ignores SIGTERM gets 10 s before its
+    instance kills it); a second one, as with `ringmesh up`, stops everything now."""
+    (tmp_path / "stubborn.py").write_text(STUBBORN)
+    mesh = tmp_path / "mesh.yaml"
+    mesh.write_text(
+        textwrap.dedent("""\
+        services:
+          stubborn:
+            command: "{python} stubborn.py {port}"
+            replicas: 1
+        """)
+    )
+    with ringmesh_up("-f", str(mesh)) as up:
+        up.wait_for(r"ringmesh up: running; Ctrl-C to stop")
+        marks = _marks(up)
+        pids = _announced_pids(marks[1])
+        assert pids, "stubborn-1 announced its app"
+        up.proc.send_signal(signal.SIGTERM)
+        up.wait_for(r"ringmesh up: stopping")
+        second = time.monotonic()
+        up.proc.send_signal(signal.SIGTERM)
+        assert up.finish() == 0, up.text()[-3000:]  # it ran: stopping it is no failure
+        took = time.monotonic() - second
+        assert "ringmesh up: stopping at once" in up.text()
+        assert took < 5, f"exited {took:.1f} s after the second signal (the app's 10 s not cut)"
         assert "Traceback" not in up.text()
         _nothing_left(marks, pids)
 

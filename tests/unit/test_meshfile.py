@@ -6,6 +6,7 @@ from __future__ import annotations
 import shlex
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,7 +124,7 @@ def test_the_scalers_template_hands_the_app_command_through_unchanged(tmp_path: 
 
     path = write(tmp_path, GOOD.replace("--backend {outbound}", "--backend {outbound} '{{x}}'"))
     mesh = load_meshfile(path)
-    run = _Run(mesh, stop=None, out=sys.stdout)  # type: ignore[arg-type]
+    run = _Run(mesh, stop=threading.Event(), hurry=threading.Event(), out=sys.stdout)
     run.run_dir = tmp_path / "run {dir}"
     frontend = mesh.service("frontend")
     launcher = CommandLauncher({"frontend": run.template(frontend)}, etcd="http://e:1", prefix="/p")
