@@ -28,7 +28,7 @@ from registry.etcd import EtcdClient
 from registry.keys import KeyLayout, validate_service
 from registry.lease import Backoff, Sleep
 from registry.records import load_object, record_error, string_list
-from registry.watch import PrefixWatch
+from registry.watch import PrefixWatch, watch_backoff
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class AuthzWatch:
         on_change: Callable[[AuthzMap], None] = lambda _rules: None,
         *,
         sleep: Sleep = asyncio.sleep,
-        backoff: Callable[[], Backoff] = Backoff,
+        backoff: Callable[[], Backoff] = watch_backoff,
     ) -> None:
         self._layout = layout
         self._on_change = on_change

@@ -18,7 +18,7 @@ from registry.etcd import EtcdClient
 from registry.keys import KeyLayout
 from registry.lease import Backoff, Sleep
 from registry.scaling import RPS, Policy
-from registry.watch import PrefixWatch
+from registry.watch import PrefixWatch, watch_backoff
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class PolicyWatch:
         service: str,
         *,
         sleep: Sleep = asyncio.sleep,
-        backoff: Callable[[], Backoff] = Backoff,
+        backoff: Callable[[], Backoff] = watch_backoff,
     ) -> None:
         self._key = layout.policy(service)
         self.policy: Policy | None = None

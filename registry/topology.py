@@ -19,7 +19,7 @@ from registry.etcd import EtcdClient, KeyValue
 from registry.keys import KeyLayout
 from registry.lease import Backoff, Sleep
 from registry.records import InstanceRecord, parse_or_skip
-from registry.watch import PrefixWatch
+from registry.watch import PrefixWatch, watch_backoff
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class TopologyWatch:
         on_change: Callable[[Topology], None] = lambda _t: None,
         services: Sequence[str] = (),
         sleep: Sleep = asyncio.sleep,
-        backoff: Callable[[], Backoff] = Backoff,
+        backoff: Callable[[], Backoff] = watch_backoff,
     ) -> None:
         self._on_change = on_change
         self._layout = layout

@@ -4,11 +4,14 @@ List the prefix, then watch from that revision + 1, tracking each event's
 mod_revision. On a broken connection re-watch from the last revision + 1; on
 a compacted revision re-list. While etcd is unreachable the last state stays
 in force: a broken watch is never read as "everything was deleted", and the
-retries back off with full jitter (0.25 s doubling to 5 s, ``Backoff``), so a
-fleet whose etcd comes back does not return to it in one wave: 10,000
-sidecars with three watches each retrying every 0.5 s were 60,000 attempts a
-second at a cluster just recovering. A value that does not parse is logged
-and left out, never fatal.
+retries back off with full jitter (0.25 s doubling to 2 s, ``watch_backoff``),
+so a fleet whose etcd comes back does not return to it in one wave: with a
+fixed 0.5 s, every watch of 10,000 sidecars was re-made within the same half
+second of the cluster's return; jittered over 2 s, a quarter as many a
+second. The cap is low because a watch that waits is a topology that ages:
+the last one routes meanwhile, and a change made after etcd's return is seen
+at most ~2 s late. A value that does not parse is logged and left out, never
+fatal.
 
 The topology (topology.py) and the authorization records (authz.py) are both
 this loop with their own parser and their own view of the entries.
@@ -30,6 +33,11 @@ from registry.records import parse_or_skip
 
 E = TypeVar("E")
 E_co = TypeVar("E_co", covariant=True)
+
+
+def watch_backoff() -> Backoff:
+    """The delays between a watch's retries (one per watch, see the module's docstring)."""
+    return Backoff(base=0.25, cap=2.0)
 
 
 class ParseEntry(Protocol[E_co]):
@@ -59,7 +67,7 @@ class PrefixWatch(Generic[E]):
         name: str,
         keeping: str,
         sleep: Sleep = asyncio.sleep,
-        backoff: Callable[[], Backoff] = Backoff,
+        backoff: Callable[[], Backoff] = watch_backoff,
     ) -> None:
         """``name`` and ``keeping`` make the outage lines: "<name> watch broken, <keeping>".
         ``backoff`` makes the delays between retries (one per watch)."""

@@ -25,6 +25,7 @@ from registry.etcd import EtcdClient, EtcdConfig
 from registry.keys import KeyLayout
 from registry.records import InstanceRecord
 from registry.scaling import Target
+from registry.watch import watch_backoff
 from ringmesh import cli
 from sidecar.routing import RoutingTable
 from tests.mesh import Instance, Mesh, stats
@@ -303,7 +304,8 @@ def test_etcd_outage_does_not_stop_routing(own_mesh: Mesh) -> None:
         keys = [
             k for k, o in owners(mesh, [f"l-{i}" for i in range(300)]).items() if o == late.name
         ]
-        deadline = time.monotonic() + 2
+        # The client's watch may still be waiting out its retry backoff (at most its cap).
+        deadline = time.monotonic() + 2 + watch_backoff().cap
         while (
             stub.Echo(demo_pb2.EchoRequest(text="x"), metadata=keyed(keys[0]), timeout=5).instance
             != late.name
