@@ -30,9 +30,6 @@ from dataclasses import dataclass, fields
 
 from registry.scaling import RPS, LoadReport
 
-# The fields a reading is compared on (LoadReport's, but ts and window_s).
-FIELDS = ("rps", "inflight", "error_rate", "p50_ms", "p99_ms")
-
 
 @dataclass(frozen=True)
 class HistogramTotals:
@@ -142,13 +139,10 @@ def changed_fields(
     reading: LoadReport,
     thresholds: RewriteThresholds = DEFAULT_THRESHOLDS,
     *,
-    among: Collection[str] = FIELDS,
+    among: Collection[str] | None = None,
 ) -> tuple[str, ...]:
-    """The fields of ``reading`` (of those ``among``) that moved past the thresholds
-    since ``written``."""
-    unknown = set(among) - set(FIELDS)
-    if unknown:
-        raise ValueError(f"no such load field: {sorted(unknown)}; the fields are {FIELDS}")
+    """The fields of ``reading`` (of those ``among``; None: every one) that moved past
+    the thresholds since ``written``."""
     window = max(reading.window_s, 1e-3)
     calls = written.rps * window  # the calls a window like this one counts, by the record
     rps_noise = thresholds.noise_sds * math.sqrt(written.rps / window)
@@ -163,9 +157,12 @@ def changed_fields(
         "p50_ms": (thresholds.latency_relative, thresholds.latency_floor_ms),
         "p99_ms": (thresholds.latency_relative, thresholds.latency_floor_ms),
     }
+    unknown = set(among or ()) - set(rules)
+    if unknown:
+        raise ValueError(f"no such load field: {sorted(unknown)}; the fields are {tuple(rules)}")
     moved = []
     for name, (relative, floor) in rules.items():
-        if name not in among:
+        if among is not None and name not in among:
             continue
         old, new = getattr(written, name), getattr(reading, name)
         if abs(new - old) > max(floor, relative * abs(old)):
